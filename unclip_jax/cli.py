@@ -1,0 +1,92 @@
+"""The `unclip-jax` command: sample, vary.
+
+    unclip-jax sample --model kakaobrain/karlo-v1-alpha --prompt "a red panda" --num-images 4 --out out/
+    unclip-jax vary --model kakaobrain/karlo-image-variations-diffusers --image cat.png --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax.numpy as jnp
+
+DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusers unCLIP folder or hub id")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt / per input image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decoder-steps", type=int, default=25)
+    p.add_argument("--super-res-steps", type=int, default=7)
+    p.add_argument("--decoder-guidance", type=float, default=8.0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype of the networks")
+    p.add_argument("--out", default="unclip_out", help="folder for the PNGs and the grid")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache: later runs skip compiling")
+
+
+def _report(out, seconds: float, paths) -> None:
+    if out.timings:
+        for stage, t in out.timings.items():
+            print(f"  {stage:<20} compile {t['compile_s']:7.2f} s   run {t['run_s']:7.2f} s")
+        total_compile = sum(t["compile_s"] for t in out.timings.values())
+        total_run = sum(t["run_s"] for t in out.timings.values())
+        print(f"  {'total':<20} compile {total_compile:7.2f} s   run {total_run:7.2f} s   (wall {seconds:.2f} s)")
+    print(f"wrote {len(paths) - 1} image(s) and {paths[-1]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unclip-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample", help="text-to-image")
+    _common(s)
+    s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    s.add_argument("--prior-steps", type=int, default=25)
+    s.add_argument("--prior-guidance", type=float, default=4.0)
+
+    v = sub.add_parser("vary", help="image variations")
+    _common(v)
+    v.add_argument("--image", action="append", required=True, help="input image file; repeat for several")
+
+    args = parser.parse_args(argv)
+    import unclip_jax
+    from unclip_jax.images import save_images
+    if args.compilation_cache:
+        unclip_jax.enable_compilation_cache(args.compilation_cache)
+
+    t0 = time.perf_counter()
+    if args.command == "sample":
+        pipe = unclip_jax.UnCLIPPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+        print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        out = pipe(args.prompt, rng=args.seed, num_images_per_prompt=args.num_images,
+                   prior_num_inference_steps=args.prior_steps, decoder_num_inference_steps=args.decoder_steps,
+                   super_res_num_inference_steps=args.super_res_steps, prior_guidance_scale=args.prior_guidance,
+                   decoder_guidance_scale=args.decoder_guidance, output_type="np", profile=True)
+    else:
+        from PIL import Image
+        images = []
+        for path in args.image:
+            try:
+                images.append(Image.open(path).convert("RGB"))
+            except (OSError, ValueError) as e:
+                parser.error(f"cannot read image {path}: {e}")
+        pipe = unclip_jax.UnCLIPImageVariationPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+        print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        out = pipe(images, rng=args.seed, num_images_per_prompt=args.num_images,
+                   decoder_num_inference_steps=args.decoder_steps, super_res_num_inference_steps=args.super_res_steps,
+                   decoder_guidance_scale=args.decoder_guidance, output_type="np", profile=True)
+    seconds = time.perf_counter() - t0
+    paths = save_images(out.images, args.out, prefix=args.command, cols=args.num_images)
+    _report(out, seconds, paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
