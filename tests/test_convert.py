@@ -181,12 +181,33 @@ def test_save_component_round_trip_is_exact_and_writes_no_temp_files(saved, tmp_
         assert torch.equal(v, again.state_dict()[k]), k
 
 
-@pytest.mark.parametrize("name,config", [
-    ("prior", {"num_attention_heads": 2, "attention_head_dim": 4, "num_layers": 1, "embedding_dim": 6,
-               "num_embeddings": 5}),
-    ("text_proj", {"clip_extra_context_tokens": 2, "clip_embeddings_dim": 6, "time_embed_dim": 5,
-                   "cross_attention_dim": 7}),
-])
+TINY_CONFIGS = {
+    "prior": {"num_attention_heads": 2, "attention_head_dim": 4, "num_layers": 1, "embedding_dim": 6,
+              "num_embeddings": 5},
+    "text_proj": {"clip_extra_context_tokens": 2, "clip_embeddings_dim": 6, "time_embed_dim": 5,
+                  "cross_attention_dim": 7},
+    "decoder": {"_class_name": "UNet2DConditionModel", "sample_size": 16, "in_channels": 3, "out_channels": 6,
+                "block_out_channels": [16, 24], "layers_per_block": 1,
+                "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+                "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "attention_head_dim": 8,
+                "cross_attention_dim": 20, "class_embed_type": "identity", "resnet_time_scale_shift": "scale_shift",
+                "norm_num_groups": 8},
+    "super_res_first": {"_class_name": "UNet2DModel", "sample_size": 32, "in_channels": 6, "out_channels": 3,
+                        "block_out_channels": [16, 24], "layers_per_block": 1,
+                        "down_block_types": ["ResnetDownsampleBlock2D"] * 2,
+                        "up_block_types": ["ResnetUpsampleBlock2D"] * 2, "add_attention": False,
+                        "norm_num_groups": 8},
+    "text_encoder": {"model_type": "clip_text_model", "hidden_size": 16, "intermediate_size": 37,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 20,
+                     "vocab_size": 100, "projection_dim": 16},
+    "image_encoder": {"model_type": "clip_vision_model", "hidden_size": 20, "intermediate_size": 30,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                      "projection_dim": 16},
+}
+
+
+@pytest.mark.parametrize("name,config", list(TINY_CONFIGS.items()))
 def test_every_parameter_has_logical_axes(name, config):
     shapes, axes = abstract_params(from_config(name, config))
     for shape, spec in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(
