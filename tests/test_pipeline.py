@@ -304,3 +304,21 @@ def test_batch_is_split_over_8_devices_with_the_same_images(stack, pipe, tmp_pat
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_persistent_compilation_cache_is_written_and_reused(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = {[os.path.dirname(os.path.dirname(__file__))]!r}
+        import jax, jax.numpy as jnp, unclip_jax
+        unclip_jax.enable_compilation_cache({str(tmp_path / "cache")!r})
+        f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + 1.0)
+        f(jnp.ones((64, 64))).block_until_ready()
+        print("entries", len(list(__import__("pathlib").Path({str(tmp_path / "cache")!r}).iterdir())))
+    """)
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    first, second = (int(r.stdout.split("entries")[1]) for r in runs)
+    assert first >= 1 and second == first  # the second process found the entry and wrote nothing new
