@@ -1,4 +1,4 @@
-"""The `unclip-jax` command: sample, vary.
+"""The `unclip-jax` command: sample, vary, data build|embed.
 
     unclip-jax sample --model kakaobrain/karlo-v1-alpha --prompt "a red panda" --num-images 4 --out out/
     unclip-jax vary --model kakaobrain/karlo-image-variations-diffusers --image cat.png --out out/
@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     _common(v)
     v.add_argument("--image", action="append", required=True, help="input image file; repeat for several")
 
+    from unclip_jax.data import cli as data_cli
+    data_cli.add_subcommands(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "data":
+        return data_cli.run(args)
     import unclip_jax
     from unclip_jax.images import save_images
     if args.compilation_cache:
