@@ -276,6 +276,10 @@ def test_cli_writes_pngs_and_a_grid(stack, tmp_path, capsys):
     assert Image.open(tmp_path / "out" / "sample_000.png").size == (32, 32)
     printed = capsys.readouterr().out
     assert "prior" in printed and "compile" in printed and "super_res" in printed
+    assert main(["sample", "--model", str(root / "unclip"), "--prompt", "a red circle", "--best-of", "2",
+                 "--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2",
+                 "--out", str(tmp_path / "best")]) == 0
+    assert (tmp_path / "best" / "sample_grid.png").exists()
     image = tmp_path / "in.png"
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
     assert main(["vary", "--model", str(root / "variation"), "--image", str(image), "--decoder-steps", "2",

@@ -1,4 +1,4 @@
-"""The `unclip-jax` command: sample, vary, data build|embed.
+"""The `unclip-jax` command: sample, vary, invert, ddim-vary, interpolate, textdiff, inpaint, data build|embed.
 
     unclip-jax sample --model kakaobrain/karlo-v1-alpha --prompt "a red panda" --num-images 4 --out out/
     unclip-jax vary --model kakaobrain/karlo-image-variations-diffusers --image cat.png --out out/
@@ -29,11 +29,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _report(out, seconds: float, paths) -> None:
-    if out.timings:
-        for stage, t in out.timings.items():
+    timings = getattr(out, "timings", None)
+    if timings:
+        for stage, t in timings.items():
             print(f"  {stage:<20} compile {t['compile_s']:7.2f} s   run {t['run_s']:7.2f} s")
-        total_compile = sum(t["compile_s"] for t in out.timings.values())
-        total_run = sum(t["run_s"] for t in out.timings.values())
+        total_compile = sum(t["compile_s"] for t in timings.values())
+        total_run = sum(t["run_s"] for t in timings.values())
         print(f"  {'total':<20} compile {total_compile:7.2f} s   run {total_run:7.2f} s   (wall {seconds:.2f} s)")
     print(f"wrote {len(paths) - 1} image(s) and {paths[-1]}")
 
@@ -48,17 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     s.add_argument("--prior-steps", type=int, default=25)
     s.add_argument("--prior-guidance", type=float, default=4.0)
+    s.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="the paper's best-of-N prior: N image embeddings per image, the one closest to the text kept")
 
     v = sub.add_parser("vary", help="image variations")
     _common(v)
     v.add_argument("--image", action="append", required=True, help="input image file; repeat for several")
 
+    from unclip_jax import manipulations_cli
     from unclip_jax.data import cli as data_cli
+    manipulations_cli.add_subcommands(sub)
     data_cli.add_subcommands(sub)
 
     args = parser.parse_args(argv)
     if args.command == "data":
         return data_cli.run(args)
+    if args.command in manipulations_cli.SUBCOMMANDS:
+        return manipulations_cli.run(args, parser.error)
     import unclip_jax
     from unclip_jax.images import save_images
     if args.compilation_cache:
@@ -69,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         pipe = unclip_jax.UnCLIPPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        out = pipe(args.prompt, rng=args.seed, num_images_per_prompt=args.num_images,
-                   prior_num_inference_steps=args.prior_steps, decoder_num_inference_steps=args.decoder_steps,
-                   super_res_num_inference_steps=args.super_res_steps, prior_guidance_scale=args.prior_guidance,
-                   decoder_guidance_scale=args.decoder_guidance, output_type="np", profile=True)
+        kw = dict(rng=args.seed, num_images_per_prompt=args.num_images, prior_num_inference_steps=args.prior_steps,
+                  decoder_num_inference_steps=args.decoder_steps, super_res_num_inference_steps=args.super_res_steps,
+                  prior_guidance_scale=args.prior_guidance, decoder_guidance_scale=args.decoder_guidance,
+                  output_type="np")
+        if args.best_of > 1:
+            out = pipe.sample_best_of_n(args.prompt, n=args.best_of, **kw)
+        else:
+            out = pipe(args.prompt, profile=True, **kw)
     else:
         from PIL import Image
         images = []

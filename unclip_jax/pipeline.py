@@ -27,6 +27,7 @@ from unclip_jax import sampling
 from unclip_jax.convert import load_component
 from unclip_jax.convert.io import CheckpointError, resolve_folder
 from unclip_jax.diffusion import scheduler as sch
+from unclip_jax.manipulations import ManipulationsMixin
 from unclip_jax.sampling import Noise, Stages, TextConditioning, Tokens
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class _Base:
         return cls(stages, params, tokenizer, extractor)
 
 
-class UnCLIPPipeline(_Base):
+class UnCLIPPipeline(ManipulationsMixin, _Base):
     """Text-to-image with unCLIP (Karlo): prior, decoder and super-resolution, one jitted function."""
 
     components = TEXT_TO_IMAGE_COMPONENTS
@@ -288,7 +289,7 @@ class UnCLIPPipeline(_Base):
         return _finish(images, output_type, return_dict)
 
 
-class UnCLIPImageVariationPipeline(_Base):
+class UnCLIPImageVariationPipeline(ManipulationsMixin, _Base):
     """Variations of an image: its CLIP image embedding decoded with the empty prompt (Karlo)."""
 
     components = VARIATION_COMPONENTS
