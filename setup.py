@@ -27,6 +27,7 @@ setup(
         "huggingface_hub>=0.25",
         "tqdm>=4.66",
         "absl-py>=2.0",
+        "tensorboardX>=2.6",
     ],
     entry_points={"console_scripts": ["unclip-jax=unclip_jax.cli:main"]},
     extras_require={
