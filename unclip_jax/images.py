@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 from PIL import Image
 

@@ -15,7 +15,6 @@ import logging
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -159,6 +158,16 @@ def _finish(images, output_type, return_dict, timings=None):
     return ImagePipelineOutput(images, timings) if return_dict else (images,)
 
 
+def _check_images_per_prompt(n) -> None:
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive int, got {n!r}")
+
+
+def _to_numpy(x) -> np.ndarray:
+    """A numpy array, a jax array or a torch tensor -> a float32 numpy array."""
+    return np.asarray(x.detach().cpu().float() if hasattr(x, "detach") else x, np.float32)
+
+
 def _check_steps(**steps):
     for name, n in steps.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
@@ -241,8 +250,7 @@ class UnCLIPPipeline(ManipulationsMixin, _Base):
         _check_steps(prior_num_inference_steps=prior_num_inference_steps,
                      decoder_num_inference_steps=decoder_num_inference_steps,
                      super_res_num_inference_steps=super_res_num_inference_steps)
-        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        _check_images_per_prompt(num_images_per_prompt)
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else prompt
             if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
@@ -329,8 +337,7 @@ class UnCLIPImageVariationPipeline(ManipulationsMixin, _Base):
         timer = _StageTimer() if profile else None
         _check_steps(decoder_num_inference_steps=decoder_num_inference_steps,
                      super_res_num_inference_steps=super_res_num_inference_steps)
-        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        _check_images_per_prompt(num_images_per_prompt)
         if image_embeddings is None:
             if image is None:
                 raise ValueError("give an image (or images), or image_embeddings")
@@ -400,8 +407,7 @@ def _text_model_output(text_model_output, text_attention_mask) -> TextConditioni
         embeds, hidden = text_model_output.text_embeds, text_model_output.last_hidden_state
     else:
         embeds, hidden = text_model_output[0], text_model_output[1]
-    arr = lambda x: np.asarray(x.detach().cpu().float() if hasattr(x, "detach") else x)
-    embeds, hidden, mask = arr(embeds), arr(hidden), arr(text_attention_mask)
+    embeds, hidden, mask = _to_numpy(embeds), _to_numpy(hidden), _to_numpy(text_attention_mask)
     if embeds.ndim != 2 or hidden.ndim != 3 or hidden.shape[0] != embeds.shape[0] or mask.shape != hidden.shape[:2]:
         raise ValueError(f"text_model_output has text_embeds {embeds.shape}, last_hidden_state {hidden.shape} and "
                          f"text_attention_mask {mask.shape}; expected (B, D), (B, L, D) and (B, L)")
@@ -426,7 +432,7 @@ def _noise(stages: Stages, batch: int, *, steps, **given) -> Noise | None:
         expected = shapes[stage] if key.endswith("_latents") else (n_steps[stage],) + shapes[stage]
         meaning = ("(batch * images per prompt, " + ("embedding_dim)" if stage == "prior" else "size, size, channels) NHWC")
                    if key.endswith("_latents") else "(num_inference_steps, batch * images per prompt, ...)")
-        value = np.asarray(value.detach().cpu().float() if hasattr(value, "detach") else value, np.float32)
+        value = _to_numpy(value)
         if value.shape != expected:
             raise ValueError(f"{key} has shape {value.shape}; expected {expected} = {meaning}")
         out[key] = jnp.asarray(value)

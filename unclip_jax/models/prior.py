@@ -18,7 +18,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from unclip_jax.models import layers
@@ -86,11 +85,8 @@ class TransformerBlock(nn.Module):
     def __call__(self, x, bias, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim = self.heads * self.head_dim
-        b, s, _ = x.shape
-
         h = LayerNorm(name="norm1", **kw)(x)
-        attn = _SelfAttention(self.heads, self.head_dim, name="attn1", **kw)
-        h = attn(h, bias)
+        h = _SelfAttention(self.heads, self.head_dim, name="attn1", **kw)(h, bias)
         x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
 
         h = LayerNorm(name="norm3", **kw)(x)
