@@ -11,6 +11,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
     include_package_data=True,
+    # The demo model (diffusers layout, a few MB): `unclip-jax sample` works out of the box, offline.
+    package_data={"unclip_jax.demo": ["model/*.json", "model/*/*.json", "model/*/*.safetensors", "model/*/*.txt"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",

@@ -33,7 +33,8 @@ _DTYPES = ("fp32", "bf16")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers unCLIP folder or hub id")
+    p.add_argument("--model", default="demo", help="diffusers unCLIP folder or hub id (default: the shipped demo "
+                   "model, trained on captioned shapes; e.g. kakaobrain/karlo-v1-alpha for Karlo)")
     p.add_argument("--image-encoder", default=None, metavar="PATH", help="attach the CLIP vision tower of this folder")
     p.add_argument("--prior", default=None, metavar="PATH", help="attach the prior of this folder")
     p.add_argument("--seed", type=int, default=0)

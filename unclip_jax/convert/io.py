@@ -175,17 +175,24 @@ def _looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and os.sep not in s.replace("/", "")
 
 
+DEMO = "demo"  # the model name of the shipped demo (unclip_jax/demo/model)
+
+
 def resolve_folder(path_or_id: str | os.PathLike, name: str | None = None, *, revision: str | None = None,
                    cache_dir: str | os.PathLike | None = None, patterns: tuple[str, ...] = ("*.json", "*.safetensors", "*.txt")) -> Path:
     """A local pipeline or component folder, or a hub id fetched through huggingface_hub.
 
     Hub downloads honour the local cache and HF_HUB_OFFLINE=1 (then only the cache is read). With
-    `name`, only that component's files (and the pipeline's model_index.json) are fetched.
+    `name`, only that component's files (and the pipeline's model_index.json) are fetched. "demo" is the small
+    unCLIP that ships inside the package (unclip_jax.demo), when no folder of that name exists here.
     """
     p = Path(path_or_id).expanduser()
     if p.exists():
         return p
     s = str(path_or_id)
+    if s == DEMO:
+        from unclip_jax.demo import model_dir
+        return model_dir()
     if not _looks_like_hub_id(s):
         raise CheckpointError(f"{s} is neither an existing folder nor a hub id of the form 'owner/name'")
     try:

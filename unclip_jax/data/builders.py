@@ -145,12 +145,18 @@ def build_dataset(source: str, out: str | os.PathLike, *, options: CleanOptions 
 
 
 def dataset_dir(path: str | os.PathLike) -> Path:
-    """The folder holding dataset_info.json: `path` itself, or the newest version under path/image_captions/."""
+    """The folder holding dataset_info.json: `path` itself, or the newest version under path/<builder name>/
+    (image_captions/ for `unclip-jax data build`, shapes_scenes/ for the demo's generated dataset)."""
     path = Path(path)
     if (path / "dataset_info.json").exists():
         return path
-    versions = sorted((p for p in (path / NAME).glob("*") if (p / "dataset_info.json").exists()),
-                      key=lambda p: tfds.core.Version(p.name) if tfds.core.Version.is_valid(p.name) else p.name)
+    found = [p.parent for p in path.glob("*/*/dataset_info.json")]
+    names = {p.parent.name for p in found}
+    if len(names) > 1:
+        raise FileNotFoundError(f"{path} holds several datasets ({', '.join(sorted(names))}): pass the one you "
+                                f"mean, e.g. {path}/<name>/<version>")
+    versions = sorted(found, key=lambda p: (tfds.core.Version(p.name).tuple if tfds.core.Version.is_valid(p.name)
+                                            else (-1,), p.name))
     if not versions:
         raise FileNotFoundError(f"{path} holds no dataset built by `unclip-jax data build` (no dataset_info.json "
                                 f"in it or in {path / NAME}/<version>/)")

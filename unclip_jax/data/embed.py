@@ -138,12 +138,38 @@ def tokenize(tokenizer, captions: list[str], length: int) -> tuple[np.ndarray, n
     return ids, mask, truncated
 
 
+def _standard(processor) -> bool:
+    """A CLIP processor that resizes the shorter side, centre-crops, rescales and normalises (every CLIP's)."""
+    size = getattr(processor, "size", None) or {}
+    return (all(getattr(processor, k, False) for k in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"))
+            and set(size) == {"shortest_edge"} and getattr(processor, "crop_size", None) is not None)
+
+
 def clip_pixels(processor, data: bytes) -> np.ndarray:
-    """Encoded image -> (S, S, 3) float32 NHWC pixel values, exactly as the CLIP image processor makes them."""
+    """Encoded image -> (S, S, 3) float32 NHWC pixel values, as the CLIP image processor makes them.
+
+    For the standard CLIP preprocessing the same arithmetic runs here directly (the same Pillow resize, crop
+    offsets, rescale and normalisation; equal to the processor's output to float32 rounding, tested), about
+    4x faster and mostly outside the GIL, so input threads scale; any other processor is called as it is."""
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im:
-        pixels = processor(images=[im.convert("RGB")], return_tensors="np").pixel_values[0]
-    return np.ascontiguousarray(pixels.transpose(1, 2, 0), np.float32)
+        im = im.convert("RGB")
+        if not _standard(processor):
+            pixels = processor(images=[im], return_tensors="np").pixel_values[0]
+            return np.ascontiguousarray(pixels.transpose(1, 2, 0), np.float32)
+        short = processor.size["shortest_edge"]
+        ch, cw = processor.crop_size["height"], processor.crop_size["width"]
+        w, h = im.size
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        a = np.asarray(im.resize((nw, nh), processor.resample), np.float32)
+    top, left = int((nh - ch) / 2), int((nw - cw) / 2)
+    if top < 0 or left < 0:  # a crop larger than the resized image: the processor pads; let it
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = processor(images=[im.convert("RGB")], return_tensors="np").pixel_values[0]
+        return np.ascontiguousarray(pixels.transpose(1, 2, 0), np.float32)
+    a = a[top:top + ch, left:left + cw] * np.float32(processor.rescale_factor)
+    mean, std = np.asarray(processor.image_mean, np.float32), np.asarray(processor.image_std, np.float32)
+    return np.ascontiguousarray((a - mean) / std, np.float32)
 
 
 def encode_fn(towers: ClipTowers, *, hidden_states: bool):

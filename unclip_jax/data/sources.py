@@ -9,6 +9,8 @@
 
 Batches (B = global_batch // process_count, L = 77, D = 768 for Karlo):
 
+    clip       pixel_values (B, P, P, 3) float32 (CLIPImageProcessor's output, NHWC), input_ids (B, L) int32,
+               attention_mask (B, L) bool: the caption tokenized with the given CLIP tokenizer (no embeddings needed)
     prior      input_ids (B, L) int32, attention_mask (B, L) bool, text_embeds (B, D) float32,
                image_embeds (B, D) float32, [text_hidden_states (B, L, H) float32 when the embed job stored them]
     decoder    image (B, S, S, 3) float32 in [-1, 1] (shorter side resized to S, centre crop: the region CLIP saw),
@@ -37,8 +39,8 @@ from unclip_jax.data import degrade
 from unclip_jax.data.prefetch import Prefetcher, Workers, stack
 from unclip_jax.data.sampler import Stream, host_range
 
-STAGES = ("prior", "decoder", "upsampler")
-_STAGE_IDS = {"prior": 1, "decoder": 2, "upsampler": 3}
+STAGES = ("clip", "prior", "decoder", "upsampler")
+_STAGE_IDS = {"prior": 1, "decoder": 2, "upsampler": 3, "clip": 4}
 EMBEDDINGS_SUBDIR = "embeddings"
 
 
@@ -151,6 +153,17 @@ def load_crop(data: bytes, *, scale_to: int, crop: int, rng: np.random.Generator
     return np.asarray(out, np.float32) / 127.5 - 1.0
 
 
+def _read(images, local: np.ndarray, pool: Workers, chunk: int = 16) -> list:
+    """The records at `local` indices, read in chunks on the worker threads (ArrayRecord reads and tfds' parsing
+    of one record cost about a millisecond of host time: in one thread, that capped a GPU step at ~1000
+    examples/s)."""
+    local = local.tolist()
+    if pool.workers == 1 or len(local) <= chunk:
+        return images.__getitems__(local)
+    parts = pool.map(images.__getitems__, [local[i:i + chunk] for i in range(0, len(local), chunk)])
+    return [r for part in parts for r in part]
+
+
 def _example_rng(seed: int, stage: str, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _STAGE_IDS[stage], int(epoch), int(index)])
 
@@ -251,12 +264,44 @@ def decoder_source(dataset_dir: str | os.PathLike, *, global_batch: int, seed: i
         return load_crop(record["image"], scale_to=image_size, crop=image_size, rng=rng)
 
     def make(idx, epochs):
-        records = images.__getitems__((idx - start).tolist())
+        records = _read(images, idx - start, pool)
         batch = {"image": np.stack(pool.map(one, zip(records, idx, epochs)))}
         batch.update(_as_batch(store.gather(idx, fields)))
         return batch
 
     return Source("decoder", stream, make, global_batch=global_batch, process_count=process_count, num_examples=n,
+                  prefetch=prefetch, resources=(pool,), return_index=return_index)
+
+
+def clip_source(dataset_dir: str | os.PathLike, *, global_batch: int, tokenizer: str | os.PathLike,
+                image_size: int = 224, text_len: int = 77, seed: int = 0, split: str = "train",
+                process_index: int | None = None, process_count: int | None = None, workers: int | None = None,
+                prefetch: int = 4, return_index: bool = False) -> Source:
+    """Batches for training a CLIP contrastively: images preprocessed exactly as `unclip-jax data embed` and the
+    pipelines will (a CLIPImageProcessor resizing to image_size with CLIP's mean and std) and the captions
+    tokenized with `tokenizer` (a CLIP tokenizer folder), padded / truncated to text_len."""
+    from transformers import CLIPImageProcessorPil, CLIPTokenizer
+
+    from unclip_jax.data.embed import clip_pixels, tokenize
+    from unclip_jax.training.stages import CLIP_MEAN, CLIP_STD
+    process_index, process_count, per_host = _host(global_batch, process_index, process_count)
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer))
+    processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                      crop_size={"height": image_size, "width": image_size},
+                                      image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    images, n = _image_source(dataset_dir, split, process_index, process_count)
+    start, end = host_range(n, process_index, process_count)
+    stream = Stream(start, end, per_host, seed, process_index=process_index)
+    pool = Workers(workers)
+
+    def make(idx, epochs):
+        records = _read(images, idx - start, pool)
+        pixels = np.stack(pool.map(lambda r: clip_pixels(processor, r["image"]), records))
+        captions = [r["caption"].decode() if isinstance(r["caption"], bytes) else str(r["caption"]) for r in records]
+        ids, mask, _ = tokenize(tok, captions, text_len)
+        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
+
+    return Source("clip", stream, make, global_batch=global_batch, process_count=process_count, num_examples=n,
                   prefetch=prefetch, resources=(pool,), return_index=return_index)
 
 
@@ -292,7 +337,7 @@ def upsampler_source(dataset_dir: str | os.PathLike, *, global_batch: int, seed:
         return out
 
     def make(idx, epochs):
-        records = images.__getitems__((idx - start).tolist())
+        records = _read(images, idx - start, pool)
         return stack(pool.map(one, zip(records, idx, epochs)))
 
     return Source("upsampler", stream, make, global_batch=global_batch, process_count=process_count,
@@ -373,9 +418,12 @@ def make_source(config, stage: str | None = None, *, process_index: int | None =
       decoder:
         config.data.image_size       S                                                  [image_size] (64)
         config.data.crop             "center" (the region CLIP embedded) | "random"             ("center")
+      clip:
+        config.data.tokenizer        the CLIP tokenizer folder captions are tokenized with            [tokenizer]
+        config.data.clip_image_size  P, the image tower's input                          [clip_image_size] (224)
       upsamplers:
         config.data.crop_size        training crop C                           [crop_size] (64; 256 for _1024)
-        config.data.target_size      the size the image is resized to before cropping          (4 x crop_size)
+        config.data.target_size      the size the image is resized to before cropping [target_size] (4 x crop_size)
         config.data.low_res_factor   f                                              [upsample_factor] (4)
         config.data.degrade          "blur" | "bsr" | "none"                 [degradation] (blur; bsr for _1024)
         config.data.degrade_on       "device": the train step degrades; "host": batch["low_res"]   ("device")
@@ -389,7 +437,7 @@ def make_source(config, stage: str | None = None, *, process_index: int | None =
     is_1024 = stage == "upsampler_1024"
     stage = "upsampler" if stage.startswith(("upsampler", "super_res")) else stage
     if stage not in STAGES:
-        raise ValueError(f"stage={stage!r}; expected prior, decoder, upsampler, upsampler_1024 or super_res_*")
+        raise ValueError(f"stage={stage!r}; expected clip, prior, decoder, upsampler, upsampler_1024 or super_res_*")
     data = _get(config, "data")
     if data is None:
         raise ValueError("config.data is missing: the built dataset's folder, 'synthetic', or a ConfigDict with "
@@ -412,12 +460,16 @@ def make_source(config, stage: str | None = None, *, process_index: int | None =
         global_batch=int(global_batch), seed=int(_get(config, "seed", 0)), process_index=process_index,
         process_count=process_count, embeddings=key("embeddings"), split=key("split"), workers=key("workers"),
         prefetch=key("prefetch"), image_size=key("image_size", "image_size"), crop=key("crop"), crop_size=crop_size,
-        target_size=key("target_size", default=4 * crop_size), low_res_factor=key("low_res_factor", "upsample_factor"),
+        target_size=key("target_size", "target_size", 4 * crop_size), low_res_factor=key("low_res_factor", "upsample_factor"),
         degrade_kind=key("degrade", "degradation", "bsr" if is_1024 else None), degrade_on=key("degrade_on"),
         embed_dim=key("embed_dim", "clip_dim"), text_len=key("text_len", "text_length"),
         vocab_size=key("vocab_size", "vocab_size"), hidden_dim=key("hidden_dim", "text_hidden_dim"),
-        num_examples=key("num_examples"))
+        num_examples=key("num_examples"), tokenizer=key("tokenizer", "tokenizer"),
+        clip_image_size=key("clip_image_size", "clip_image_size"))
     if kind == "synthetic":
+        if stage == "clip":
+            raise ValueError("the data pipeline has no synthetic clip source; use the trainer's config.data = "
+                             "'synthetic' (unclip_jax.training.data.SyntheticData)")
         kwargs["hidden_states"] = bool(key("hidden_states", "data_text_hidden_states", False))
         return synthetic_source(stage, **_accepted(synthetic_source, kwargs))
     if kind != "tfds":
@@ -425,7 +477,11 @@ def make_source(config, stage: str | None = None, *, process_index: int | None =
     if not directory:
         raise ValueError("config.data.dir is missing: the folder `unclip-jax data build --out` wrote")
     kwargs["hidden_states"] = key("hidden_states")
-    fn = {"prior": prior_source, "decoder": decoder_source, "upsampler": upsampler_source}[stage]
+    if stage == "clip":
+        if not kwargs["tokenizer"]:
+            raise ValueError("the clip source tokenizes captions: set config.tokenizer (a CLIP tokenizer folder)")
+        kwargs["image_size"] = kwargs.pop("clip_image_size")
+    fn = {"clip": clip_source, "prior": prior_source, "decoder": decoder_source, "upsampler": upsampler_source}[stage]
     return fn(directory, **_accepted(fn, kwargs))
 
 

@@ -83,6 +83,10 @@ class SchedulerConfig:
         object.__setattr__(self, "clip_sample", bool(self.clip_sample))
         object.__setattr__(self, "clip_sample_range", float(r))
 
+    def to_diffusers(self) -> dict[str, Any]:
+        """The scheduler_config.json entries diffusers' UnCLIPScheduler reads (the same names)."""
+        return dataclasses.asdict(self)
+
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "SchedulerConfig":
         """Reads the dict of a diffusers `scheduler_config.json` (keys starting with "_" are ignored).

@@ -15,4 +15,4 @@ Map:
     trainer.py      the loop that ties them together
 """
 
-STAGES = ("prior", "decoder", "upsampler", "upsampler_1024")
+STAGES = ("clip", "prior", "decoder", "upsampler", "upsampler_1024")

@@ -1,7 +1,8 @@
 """The keys every training config shares. A config file (configs/*.py) starts from `common(stage)` and
 overrides what it needs, so `--config.batch_size=...` means the same thing for every stage and size.
 
-Stages (paper section 2): "prior" (text -> CLIP image embedding), "decoder" (CLIP image embedding -> 64x64),
+Stages (paper section 2): "clip" (a CLIP trained contrastively, for a domain with no CLIP of its own; the
+paper's CLIP is frozen), "prior" (text -> CLIP image embedding), "decoder" (CLIP image embedding -> 64x64),
 "upsampler" (64 -> 256, Karlo's super_res_first) and "upsampler_1024" (256 -> 1024, no public weights).
 """
 
@@ -13,7 +14,7 @@ from unclip_jax.training import STAGES
 
 # The component each stage trains (its folder name when exported with save_component) and the modules it
 # needs; `text_proj` is trained with the decoder, as in unCLIP.
-COMPONENT = {"prior": "prior", "decoder": "decoder", "upsampler": "super_res_first",
+COMPONENT = {"clip": "clip", "prior": "prior", "decoder": "decoder", "upsampler": "super_res_first",
              "upsampler_1024": "super_res_1024"}
 
 # Logical parameter axes (unclip_jax.models.layers) -> mesh axes. FSDP shards the model width, tensor
@@ -54,6 +55,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
     # Diffusion and conditioning dropout (classifier-free guidance).
     c.num_train_timesteps = 1000
     c.text_drop = 0.1                   # prior: 10% (paper), decoder: 50% (paper)
+    c.logit_scale_init = 2.6592         # clip: log(1 / 0.07), CLIP's initial temperature (capped at 100)
     c.image_embed_drop = 0.1            # decoder: CLIP image embedding -> learned null embedding
     c.vb_weight = 0.001                 # decoder: hybrid loss L_simple + vb_weight * L_vlb (Improved DDPM)
     c.dropout = ml_collections.FieldReference(None, field_type=float)  # override the model's dropout
@@ -73,6 +75,8 @@ def common(stage: str) -> ml_collections.ConfigDict:
     # prompt for text dropout: a diffusers folder / hub id holding text_encoder/ (and tokenizer/), or
     # None to build it from c.model.text_encoder with random weights (synthetic tests only).
     c.text_encoder = ml_collections.FieldReference(None, field_type=str)
+    # The CLIP tokenizer folder the clip stage tokenizes captions with (and exports with the towers).
+    c.tokenizer = ml_collections.FieldReference(None, field_type=str)
     c.frozen_in_state = False           # keep the text tower in the train state instead of an argument
 
     # Data: what the source yields (unclip_jax.training.data). Shapes must match the models.
@@ -85,6 +89,9 @@ def common(stage: str) -> ml_collections.ConfigDict:
     c.text_hidden_dim = 768
     c.image_size = 64                   # decoder sample size
     c.crop_size = 64                    # upsampler training crops (a quarter of the target size)
+    c.target_size = ml_collections.FieldReference(None, field_type=int)  # upsamplers: images are resized to
+                                        # this before cropping (None: 4 x crop_size, Karlo's 256 for 64 crops)
+    c.clip_image_size = 224             # clip: the image tower's input size (the exported processor's crop)
 
     # Devices. Mesh axes in this order; -1 takes the devices left over. Batch rows are split over
     # data x fsdp; parameters by the logical rules (a dimension the mesh axis does not divide stays whole).
@@ -107,7 +114,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
 def check(c: ml_collections.ConfigDict) -> None:
     """Fails early, naming the key, on values that would otherwise fail deep inside jit. Also reads
     `--config.init_from=None` (a string on the command line) as no value."""
-    for key in ("init_from", "text_encoder"):
+    for key in ("init_from", "text_encoder", "tokenizer"):
         if c[key] in ("", "None", "none"):
             c[key] = None
     def need(ok, msg):
@@ -126,6 +133,8 @@ def check(c: ml_collections.ConfigDict) -> None:
          "data, fsdp and tensor")
     for key in ("text_drop", "image_embed_drop"):
         need(0.0 <= c[key] <= 1.0, f"{key}={c[key]} is not a probability")
+    if c.stage == "clip" and c.data != "synthetic":
+        need(c.tokenizer is not None, "the clip stage tokenizes captions: set config.tokenizer (a CLIP tokenizer folder)")
     if c.stage.startswith("upsampler"):
         need(c.crop_size % c.upsample_factor == 0,
              f"crop_size={c.crop_size} is not a multiple of upsample_factor={c.upsample_factor}")

@@ -8,8 +8,11 @@ global_batch // process_count) as a dict of numpy arrays, resumable through a JS
     state = source.get_state()        # saved with every checkpoint
     source.set_state(state)           # on resume: the next batch is the one that would have come next
 
-Keys per stage (B = per-host batch, L = text tokens, D = CLIP width, S = decoder size, C = crop size):
+Keys per stage (B = per-host batch, L = text tokens, D = CLIP width, S = decoder size, C = crop size,
+P = clip_image_size):
 
+    clip:       pixel_values (B, P, P, 3) float32 (CLIP-normalised, NHWC), input_ids (B, L) int32,
+                attention_mask (B, L) bool
     prior:      input_ids (B, L) int32, attention_mask (B, L) bool, text_embeds (B, D) float32,
                 image_embeds (B, D) float32, [text_hidden_states (B, L, Dt) float32]
     decoder:    image (B, S, S, 3) float32 in [-1, 1], image_embeds, text_embeds, input_ids,
@@ -29,12 +32,13 @@ import jax
 import numpy as np
 
 REQUIRED = {
+    "clip": ("pixel_values", "input_ids", "attention_mask"),
     "prior": ("input_ids", "attention_mask", "text_embeds", "image_embeds"),
     "decoder": ("image", "image_embeds", "text_embeds", "input_ids", "attention_mask"),
     "upsampler": ("image",),
     "upsampler_1024": ("image",),
 }
-OPTIONAL = {"prior": ("text_hidden_states",), "decoder": ("text_hidden_states",), "upsampler": ("low_res",),
+OPTIONAL = {"clip": (), "prior": ("text_hidden_states",), "decoder": ("text_hidden_states",), "upsampler": ("low_res",),
             "upsampler_1024": ("low_res",)}
 
 
@@ -81,6 +85,9 @@ def check_batch(stage: str, batch: dict, config, rows: int) -> None:
     S, C = config.image_size, config.crop_size
     expected = {"input_ids": (rows, L), "attention_mask": (rows, L), "text_embeds": (rows, D),
                 "image_embeds": (rows, D), "text_hidden_states": (rows, L, Dt)}
+    if stage == "clip":
+        P = config.clip_image_size
+        expected["pixel_values"] = (rows, P, P, 3)
     if stage == "decoder":
         expected["image"] = (rows, S, S, 3)
     elif stage.startswith("upsampler"):
@@ -113,6 +120,7 @@ class SyntheticData:
         self.L, self.D, self.Dt = config.text_length, config.clip_dim, config.text_hidden_dim
         self.vocab = config.vocab_size
         self.S, self.C, self.f = config.image_size, config.crop_size, config.upsample_factor
+        self.P = config.clip_image_size
         self.overfit = bool(config.data_overfit)
         self.with_hidden = bool(config.data_text_hidden_states)
         # Fixed "world" maps shared by all batches (and hosts): text -> image embedding, embedding -> image.
@@ -142,6 +150,10 @@ class SyntheticData:
         if self.stage.startswith("upsampler"):
             return {"image": self._patterns(rng, self.C, rng.standard_normal((self.rows, self.D)), detail=True)}
         batch = self._text(rng)
+        if self.stage == "clip":  # the image tower sees patterns drawn from the caption's embedding
+            patterns = self._patterns(rng, self.P, batch.pop("image_embeds"), detail=False)
+            return {"pixel_values": 2.0 * patterns, "input_ids": batch["input_ids"],
+                    "attention_mask": batch["attention_mask"]}
         if self.stage == "decoder":
             batch["image"] = self._patterns(rng, self.S, batch["image_embeds"], detail=False)
         return batch

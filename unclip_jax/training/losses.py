@@ -8,6 +8,7 @@ random comes from one key.
     decoder     eps MSE + vb_weight * L_vlb, learned-range variance with the mean stopped (Improved DDPM
                 3.1); CLIP embedding -> learned null embedding, text -> "" (2.1, classifier-free guidance)
     upsampler   eps MSE given the degraded, re-upsampled low-resolution image on the input channels (2.1)
+    clip        CLIP's symmetric contrastive loss (Radford et al. 2021) with a learned temperature
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from unclip_jax.data.degrade import degrade_jax
 from unclip_jax.diffusion import scheduler as sch
@@ -137,3 +139,32 @@ def upsampler_loss(unet, params: Params, images, low_res, key, *, sched, cfg: Lo
                      rngs={"dropout": k_dropout}).astype(jnp.float32)
     mse = jnp.mean((out - noise) ** 2)
     return mse, {"mse": mse}
+
+
+MAX_LOGIT_SCALE = 4.6052  # log(100): CLIP clips its learned temperature at 1 / 100
+
+
+def clip_loss(text_model, image_model, params: Params, batch: dict):
+    """Symmetric InfoNCE over the global batch: cross-entropy of image -> text and text -> image similarities.
+
+    params: {"text_encoder", "image_encoder", "logit_scale" ()}; batch: input_ids (B, L), attention_mask (B, L),
+    pixel_values (B, P, P, 3). Rows whose token ids are identical are all positives of each other (targets spread
+    evenly over them), so a repeated caption is not pushed away from its own images.
+    """
+    mask = batch["attention_mask"].astype(bool)
+    ids = jnp.where(mask, batch["input_ids"], -1)
+    text = text_model.apply({"params": params["text_encoder"]}, batch["input_ids"], mask).text_embeds
+    image = image_model.apply({"params": params["image_encoder"]}, batch["pixel_values"]).image_embeds
+
+    def unit(x):
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+    scale = jnp.exp(jnp.minimum(params["logit_scale"].astype(jnp.float32), MAX_LOGIT_SCALE))
+    logits = scale * unit(image) @ unit(text).T                              # (B images, B texts)
+    same = jnp.all(ids[:, None] == ids[None], -1).astype(jnp.float32)       # same caption, symmetric
+    targets = same / same.sum(-1, keepdims=True)
+    image_to_text = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    text_to_image = jnp.mean(optax.softmax_cross_entropy(logits.T, targets))
+    hit = same[jnp.arange(logits.shape[0]), jnp.argmax(logits, -1)]          # the top text is a right caption
+    return (image_to_text + text_to_image) / 2, {"image_to_text": image_to_text, "text_to_image": text_to_image,
+                                                 "accuracy": jnp.mean(hit), "logit_scale": scale}

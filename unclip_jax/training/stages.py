@@ -4,7 +4,8 @@
     loss, parts = stage.loss(params, batch, key, frozen)
     stage.export(ema_params, "out/")        # diffusers layout, one folder per component (save_component)
 
-Trained components: prior -> {prior}; decoder -> {decoder, text_proj} (text_proj learns with the decoder,
+Trained components: clip -> {text_encoder, image_encoder} plus a learned temperature (logit_scale, not
+exported); prior -> {prior}; decoder -> {decoder, text_proj} (text_proj learns with the decoder,
 paper 2.1); upsampler / upsampler_1024 -> {config.component}. The CLIP text tower is frozen (paper, Figure 2)
 and lives outside the trained parameters, in `frozen` with the empty prompt's encoding used for text dropout.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,8 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float
 
 
 def trained_components(config) -> tuple[str, ...]:
-    return {"prior": ("prior",), "decoder": ("decoder", "text_proj")}.get(config.stage, (config.component,))
+    return {"clip": ("text_encoder", "image_encoder"), "prior": ("prior",),
+            "decoder": ("decoder", "text_proj")}.get(config.stage, (config.component,))
 
 
 def _model_key(name: str) -> str:
@@ -50,15 +53,25 @@ class Stage:
     scheduler: sch.SchedulerConfig
     loss_config: LossConfig
     remat_prior: bool = False
+    export_extra: Callable[[Path], list] | None = None   # clip: writes tokenizer/ and feature_extractor/
+    logit_scale_init: float = 2.6592
 
     @property
     def components(self) -> tuple[str, ...]:
         return tuple(self.modules)
 
+    def extra_params(self) -> dict:
+        """Trained arrays outside the components: the clip stage's temperature."""
+        return {"logit_scale": np.float32(self.logit_scale_init)} if self.name == "clip" else {}
+
     def abstract(self):
         """({component: shapes}, {component: logical PartitionSpecs}) without allocating."""
         out = {name: abstract_params(m) for name, m in self.modules.items()}
-        return {n: s for n, (s, _) in out.items()}, {n: a for n, (_, a) in out.items()}
+        shapes, logical = {n: s for n, (s, _) in out.items()}, {n: a for n, (_, a) in out.items()}
+        for k, v in self.extra_params().items():
+            shapes[k] = jax.ShapeDtypeStruct(np.shape(v), jnp.float32)
+            logical[k] = jax.sharding.PartitionSpec()
+        return shapes, logical
 
     # ----------------------------------------------------------------------------------------- loss
 
@@ -76,6 +89,8 @@ class Stage:
         return TextConditioning(batch["text_embeds"].astype(jnp.float32), hidden, mask)
 
     def loss(self, params: dict, batch: dict, key: jax.Array, frozen: dict):
+        if self.name == "clip":
+            return losses.clip_loss(self.modules["text_encoder"], self.modules["image_encoder"], params, batch)
         sched = sch.create_state(self.scheduler)
         cfg = self.loss_config
         if self.name == "prior":
@@ -103,7 +118,10 @@ class Stage:
             params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() != 0:
             return []
-        return [save_component(path, name, m, params[name]) for name, m in self.modules.items()]
+        paths = [save_component(path, name, m, params[name]) for name, m in self.modules.items()]
+        if self.export_extra is not None:
+            paths += self.export_extra(Path(path))
+        return paths
 
 
 def build_stage(config) -> Stage:
@@ -120,7 +138,7 @@ def build_stage(config) -> Stage:
         else:
             raise ValueError(f"config.model has no {name!r} entry (a diffusers config dict) and config.init_from is "
                              f"not set: nothing says what the {name} looks like")
-        if config.dropout is not None and name != "text_proj":  # the prior and the UNets have dropout
+        if config.dropout is not None and (name in ("prior", "decoder") or name.startswith("super_res")):
             model_cfg = {**model_cfg, "dropout": float(config.dropout)}
         module = from_config(_model_key(name), model_cfg, dtype=dtype, param_dtype=jnp.float32)
         if hasattr(module, "remat") and config.remat:
@@ -137,8 +155,35 @@ def build_stage(config) -> Stage:
 
     base = {"prior": sch.PRIOR, "decoder": sch.DECODER}.get(config.stage, sch.SUPER_RES)
     scheduler = dataclasses.replace(base, num_train_timesteps=int(config.num_train_timesteps))
+    extra = None
+    if config.stage == "clip":
+        extra = lambda path: export_clip_extras(path, config.tokenizer, modules["image_encoder"].config.image_size)
     return Stage(config.stage, modules, text_encoder, scheduler, LossConfig.from_config(config),
-                 remat_prior=bool(config.remat) and config.stage == "prior")
+                 remat_prior=bool(config.remat) and config.stage == "prior", export_extra=extra,
+                 logit_scale_init=float(config.logit_scale_init))
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's pixel statistics (CLIPImageProcessor's default)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def export_clip_extras(path: Path, tokenizer: str | None, image_size: int) -> list:
+    """Next to the exported towers: tokenizer/ (a copy of the one the stage trained with) and
+    feature_extractor/ (a CLIPImageProcessor resizing to the image tower's size), so the folder is a complete
+    CLIP for `unclip-jax data embed` and the pipelines."""
+    import shutil
+
+    from transformers import CLIPImageProcessor
+    out = []
+    if tokenizer:
+        src = resolve_folder(tokenizer, "tokenizer")
+        src = src / "tokenizer" if (src / "tokenizer").is_dir() else src
+        shutil.copytree(src, path / "tokenizer", dirs_exist_ok=True)
+        out.append(path / "tokenizer")
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(path / "feature_extractor")
+    out.append(path / "feature_extractor")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -147,7 +192,8 @@ def build_stage(config) -> Stage:
 def init_trained(stage: Stage, key: jax.Array) -> dict:
     """Random parameters of the trained components. Call it under jit(out_shardings=...) (the trainer does):
     each device then only ever materialises its own shards."""
-    return {name: init_params(m, jax.random.fold_in(key, i)) for i, (name, m) in enumerate(stage.modules.items())}
+    params = {name: init_params(m, jax.random.fold_in(key, i)) for i, (name, m) in enumerate(stage.modules.items())}
+    return {**params, **{k: jnp.asarray(v) for k, v in stage.extra_params().items()}}
 
 
 def load_trained(stage: Stage, source: str, shardings: dict) -> dict:
@@ -159,6 +205,8 @@ def load_trained(stage: Stage, source: str, shardings: dict) -> dict:
         _, p = load_component(source, name, param_dtype=jnp.float32,
                               put=lambda path, x: jax.device_put(x, flat[path]))
         params[name] = p
+    for k, v in stage.extra_params().items():
+        params[k] = jax.device_put(jnp.asarray(v), shardings[k])
     return params
 
 
@@ -197,7 +245,7 @@ def empty_prompt_ids(config, source: str | None) -> tuple[np.ndarray, np.ndarray
 def init_frozen(stage: Stage, config, key: jax.Array, mesh) -> dict:
     """The frozen part: the CLIP text tower's params (loaded, or random for synthetic runs) and the empty
     prompt's encoding {embeds (D,), hidden_states (L, Dt), mask (L,)} that text dropout substitutes."""
-    if stage.name not in ("prior", "decoder"):
+    if stage.name not in ("prior", "decoder"):   # clip trains both towers; upsamplers see no text
         return {}
     frozen = {}
     te = stage.text_encoder

@@ -92,10 +92,17 @@ def _with_null(text: sampling.TextConditioning, null: dict) -> sampling.TextCond
 
 def make_sampler(stage, config):
     """A jitted fn(params, batch, frozen, key) -> dict of images in [0, 1] (decoder, upsamplers) or of
-    scalars (prior: cosine similarity of sampled and true image embeddings). Uses the EMA params."""
+    scalars (prior: cosine similarity of sampled and true image embeddings; clip: retrieval top-1 among the
+    sample rows). Uses the EMA params."""
     steps = int(config.sample_steps)
     scale = float(config.sample_guidance)
     guidance = scale > 1.0
+
+    if stage.name == "clip":  # retrieval among the sample rows with the EMA towers
+        def clip_fn(params, batch, frozen, key):
+            loss, parts = losses.clip_loss(stage.modules["text_encoder"], stage.modules["image_encoder"], params, batch)
+            return {"loss": loss, "top1": parts["accuracy"]}
+        return jax.jit(clip_fn)
 
     if stage.name == "prior":
         stages = sampling.Stages(prior=stage.modules["prior"], prior_scheduler=stage.scheduler)

@@ -1,0 +1,138 @@
+r"""The demo model shipped in unclip_jax/demo/model: a small unCLIP trained from nothing on captioned shapes
+scenes (unclip_jax.demo.shapes), every stage with this project's trainer. One command makes it, resuming
+whatever an earlier run left in the workdir:
+
+    python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo            # about an hour on 2 CPU cores
+
+It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
+with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
+(--install copies it into the package). Each stage can also be run by hand:
+
+    python -m unclip_jax.train --config configs/demo.py:clip,root=/tmp/unclip_demo --workdir /tmp/unclip_demo/clip
+    ...                         configs/demo.py:prior,root=...       --workdir /tmp/unclip_demo/prior
+    ...                         configs/demo.py:decoder,root=...     --workdir /tmp/unclip_demo/decoder
+    ...                         configs/demo.py:upsampler,root=...   --workdir /tmp/unclip_demo/upsampler
+
+Architectures: Karlo's, small. CLIP: a 2-layer text transformer and a 3-layer ViT (32 px, 4 px patches), width
+and embedding 64. Prior: a 4-layer PriorTransformer over 64-d CLIP embeddings. Decoder: a 32x32
+UNet2DConditionModel with added-KV attention at 16 and 8 px, plus text_proj. Upsampler: an attention-free
+UNet2DModel, 32 -> 64 (2x, blur degradation), trained on 32 px crops as Karlo's on 64 px crops of 256. `smoke` (e.g. configs/demo.py:decoder,smoke) cuts every stage to
+a few steps and small batches, for tests and the training notebook.
+"""
+
+from unclip_jax.training import config_lib
+
+TEXT_LEN = 24          # tokens (the longest two-shape caption is 23)
+EMBED = 64             # CLIP embedding = text hidden size = prior width (as 768 is for Karlo)
+DECODER_SIZE = 32
+IMAGE_SIZE = 64        # the upsampler's output, what users get
+CLIP_IMAGE_SIZE = 32
+VOCAB = 588            # the trained tokenizer's size (512 byte symbols + merges + 2 specials); checked on use
+
+TEXT_ENCODER = dict(architectures=["CLIPTextModelWithProjection"], model_type="clip_text_model",
+                    vocab_size=VOCAB, hidden_size=EMBED, intermediate_size=4 * EMBED, projection_dim=EMBED,
+                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TEXT_LEN,
+                    hidden_act="quick_gelu", bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
+IMAGE_ENCODER = dict(architectures=["CLIPVisionModelWithProjection"], model_type="clip_vision_model",
+                     hidden_size=EMBED, intermediate_size=4 * EMBED, projection_dim=EMBED, num_hidden_layers=3,
+                     num_attention_heads=4, image_size=CLIP_IMAGE_SIZE, patch_size=4, num_channels=3,
+                     hidden_act="quick_gelu")
+PRIOR = dict(_class_name="PriorTransformer", num_attention_heads=4, attention_head_dim=16, num_layers=4,
+             embedding_dim=EMBED, num_embeddings=TEXT_LEN, additional_embeddings=4, dropout=0.0)
+DECODER_CHANNELS = [32, 64, 64]
+TEXT_PROJ = dict(_class_name="UnCLIPTextProjModel", clip_extra_context_tokens=4, clip_embeddings_dim=EMBED,
+                 time_embed_dim=4 * DECODER_CHANNELS[0], cross_attention_dim=64)
+DECODER = dict(_class_name="UNet2DConditionModel", sample_size=DECODER_SIZE, in_channels=3, out_channels=6,
+               block_out_channels=DECODER_CHANNELS, layers_per_block=1,
+               down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
+               up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+               mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=32, cross_attention_dim=64,
+               class_embed_type="identity", resnet_time_scale_shift="scale_shift", norm_num_groups=16, dropout=0.0)
+SUPER_RES = dict(_class_name="UNet2DModel", sample_size=IMAGE_SIZE, in_channels=6, out_channels=3,
+                 block_out_channels=[32, 64], layers_per_block=1,
+                 down_block_types=["ResnetDownsampleBlock2D"] * 2, up_block_types=["ResnetUpsampleBlock2D"] * 2,
+                 mid_block_type="UNetMidBlock2D", add_attention=False, attention_head_dim=None, norm_num_groups=16,
+                 resnet_time_scale_shift="scale_shift")
+
+# Steps and batches: what fits the hour on 2 CPU cores.
+SCHEDULE = {  # stage: (total_steps, batch_size, learning_rate, warmup)
+    "clip": (1200, 128, 2e-3, 100),
+    "prior": (2000, 128, 1e-3, 100),
+    "decoder": (5000, 32, 1e-3, 100),
+    "upsampler": (1500, 16, 1e-3, 100),
+}
+
+
+def paths(root: str) -> dict:
+    """Where the recipe puts each thing under its workdir."""
+    return {"data": f"{root}/data", "tokenizer": f"{root}/tokenizer", "clip": f"{root}/clip/export",
+            "embeddings": f"{root}/data/embeddings", "model": f"{root}/model"}
+
+
+def parse(arg: str) -> tuple[str, str, bool]:
+    stage, root, smoke = "", "/tmp/unclip_demo", False
+    for word in (w for w in (arg or "").split(",") if w):
+        if word.startswith("root="):
+            root = word[len("root="):]
+        elif word == "smoke":
+            smoke = True
+        elif word in SCHEDULE:
+            stage = word
+        else:
+            raise ValueError(f"configs/demo.py: unknown word {word!r} in {arg!r}; expected a stage "
+                             f"({', '.join(SCHEDULE)}), root=<workdir> and/or smoke")
+    if not stage:
+        raise ValueError(f"configs/demo.py needs a stage: configs/demo.py:<{'|'.join(SCHEDULE)}>[,root=DIR][,smoke]")
+    return stage, root, smoke
+
+
+def get_config(arg: str = ""):
+    stage, root, smoke = parse(arg)
+    p = paths(root)
+    c = config_lib.common(stage)
+    steps, batch, lr, warmup = SCHEDULE[stage]
+    c.total_steps, c.batch_size, c.learning_rate, c.warmup_steps = steps, batch, lr, warmup
+    c.lr_schedule = "cosine"
+    c.min_lr_ratio = 0.1
+    c.ema_decay = 0.999
+    c.compute_dtype = "float32"   # CPU: bf16 is emulated there; on a GPU / TPU pass --config.compute_dtype=bfloat16
+    c.async_checkpoints = False
+    c.text_length, c.vocab_size, c.clip_dim, c.text_hidden_dim = TEXT_LEN, VOCAB, EMBED, EMBED
+    c.image_size, c.clip_image_size = DECODER_SIZE, CLIP_IMAGE_SIZE
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.sample_every = steps
+    c.num_samples = 16
+    c.sample_steps = 25
+    c.data = p["data"]
+    if stage == "clip":
+        c.model.text_encoder = TEXT_ENCODER
+        c.model.image_encoder = IMAGE_ENCODER
+        c.tokenizer = p["tokenizer"]
+        c.num_samples = 64
+    elif stage == "prior":
+        c.model.prior = PRIOR
+        c.text_encoder = p["clip"]
+        c.text_drop = 0.1
+    elif stage == "decoder":
+        c.model.decoder = DECODER
+        c.model.text_proj = TEXT_PROJ
+        c.text_encoder = p["clip"]
+        c.text_drop = 0.5
+        c.image_embed_drop = 0.1
+        c.sample_guidance = 3.0
+    else:  # upsampler: 32 px crops of the 64 px images from 16 px, blurred (Karlo's 64 -> 256 recipe at 2x)
+        c.model.super_res_first = SUPER_RES
+        c.upsample_factor = 2
+        c.crop_size = IMAGE_SIZE // 2
+        c.degradation = "blur"
+        c.target_size = IMAGE_SIZE
+        c.sample_steps = 7
+    if smoke:
+        c.total_steps, c.warmup_steps = 4, 1
+        c.batch_size = 8
+        c.log_every = c.checkpoint_every = 2
+        c.sample_every = 0   # no sample grids: their compile is most of a smoke run's time
+        c.num_samples = 4
+        c.sample_steps = 3
+    return c

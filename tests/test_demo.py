@@ -1,0 +1,256 @@
+"""The demo's parts: the shapes dataset, the trained CLIP tokenizer, the `clip` training stage and its data,
+the fast CLIP preprocessing, the model-name alias and the default `--model` of the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from unclip_jax.demo import shapes
+
+CAPTION = re.compile(r"^(a (small |large )?(\w+) (circle|square|triangle)( (at the [a-z ]+|in the center))?)"
+                     r"( and (a (small |large )?(\w+) (circle|square|triangle)( (at the [a-z ]+|in the center))?))?"
+                     r" on a (?P<bg>\w+) background$")
+
+
+# ----------------------------------------------------------------------------------------------- scenes
+
+
+def test_scenes_are_deterministic_and_hold_out_pairs():
+    a = [s.to_json() for s in shapes.split_scenes("train", 300, seed=5)]
+    assert a == [s.to_json() for s in shapes.split_scenes("train", 300, seed=5)]
+    assert a != [s.to_json() for s in shapes.split_scenes("train", 300, seed=6)]
+    for split in ("train", "test"):
+        assert not any(shapes.is_held_out(s) for s in shapes.split_scenes(split, 500))
+    held = list(shapes.split_scenes("heldout", 200))
+    assert all(len(s.shapes) == 1 and (s.shapes[0].color, s.shapes[0].kind) in shapes.HELD_OUT for s in held)
+    assert {(s.shapes[0].color, s.shapes[0].kind) for s in held} == set(shapes.HELD_OUT)
+
+
+def test_captions_follow_the_grammar_and_say_what_is_drawn():
+    scenes = list(shapes.split_scenes("train", 400))
+    assert any(len(s.shapes) == 2 for s in scenes) and any(not s.shapes[0].say_position for s in scenes)
+    for s in scenes:
+        text = shapes.caption(s)
+        m = CAPTION.match(text)
+        assert m, text
+        assert m.group(3) == s.shapes[0].color and m.group(4) == s.shapes[0].kind
+        assert m.group("bg") == s.background
+        assert s.background not in {x.color for x in s.shapes}
+        for x in s.shapes:
+            phrase = shapes.shape_phrase(x)
+            assert phrase in text
+            assert (x.size in phrase.split()) == x.say_size        # a size or position only when said
+            assert (shapes.position_phrase(x.position) in phrase) == x.say_position
+
+
+def test_render_draws_the_named_colours_where_the_scene_says():
+    scene = shapes.Scene("blue", (shapes.Shape("square", "red", "large", "top left", (1 / 6, 1 / 6)),))
+    img = shapes.render(scene, 64)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    assert tuple(img[10, 10]) == shapes.COLORS["red"]       # inside the square
+    assert tuple(img[50, 50]) == shapes.COLORS["blue"]      # background
+    tri = shapes.render(shapes.Scene("white", (shapes.Shape("triangle", "black", "large", "center", (0.5, 0.5)),)))
+    dark = (tri.mean(-1) < 128)
+    rows = dark.sum(1)[dark.any(1)]
+    assert rows[0] < rows[-1] / 3, "an upright triangle is narrow at the top and wide at the bottom"
+
+
+def test_shapes_dataset_builds_and_loads_with_the_data_pipeline(tmp_path):
+    from unclip_jax.data import load_dataset
+    version = shapes.build_shapes_dataset(tmp_path / "ds", train=12, test=4, heldout=3, progress=False)
+    assert version.parent.name == shapes.NAME
+    builder = load_dataset(tmp_path / "ds")
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 12, "test": 4, "heldout": 3}
+    ex = builder.as_data_source("train")[5]            # tfds orders examples by key hash: find it by its key
+    index = int(ex["key"].decode().split("/")[1])
+    scene = list(shapes.split_scenes("train", 12))[index]
+    assert ex["caption"].decode() == shapes.caption(scene)
+    assert np.array_equal(ex["image"], shapes.render(scene))
+    assert shapes.Scene.from_json(ex["scene"]) == scene
+    with pytest.raises(FileExistsError, match="not empty"):
+        shapes.build_shapes_dataset(tmp_path / "ds", train=1, test=1, heldout=1, progress=False)
+
+
+# -------------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from unclip_jax.demo.tokenizer import train_clip_tokenizer
+    folder = tmp_path_factory.mktemp("tok")
+    train_clip_tokenizer(shapes.all_captions("train", 2000), folder, vocab_size=600, max_length=24)
+    return folder
+
+
+def test_trained_tokenizer_is_a_clip_tokenizer_with_one_token_per_word(tokenizer_dir):
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    assert len(tok) == len(vocab) and tok.bos_token_id == len(vocab) - 2 and tok.eos_token_id == len(vocab) - 1
+    for text in shapes.all_captions("train", 50) + ["a red triangle on a blue background"]:
+        pieces = tok.convert_ids_to_tokens(tok(text).input_ids)
+        assert pieces == ["<|startoftext|>"] + [w + "</w>" for w in text.split()] + ["<|endoftext|>"]
+        assert tok.decode(tok(text).input_ids, skip_special_tokens=True).strip() == text
+    # An unseen word still tokenizes, into byte pieces (never an unknown token).
+    ids = tok("a purple hexagon").input_ids
+    assert tok.unk_token_id not in ids[1:-1] and len(ids) > 5
+    with pytest.raises(ValueError, match="before any merge"):
+        from unclip_jax.demo.tokenizer import train_clip_tokenizer
+        train_clip_tokenizer(["a b"], tokenizer_dir / "x", vocab_size=100)
+
+
+# ------------------------------------------------------------------------------------ CLIP preprocessing
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 80), (81, 64), (37, 53), (100, 33), (32, 32)])
+def test_fast_clip_pixels_equal_the_image_processor(size):
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+
+    from unclip_jax.data.embed import clip_pixels
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    rng = np.random.default_rng(sum(size))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        ref = proc(images=[im.convert("RGB")], return_tensors="np").pixel_values[0].transpose(1, 2, 0)
+    np.testing.assert_allclose(clip_pixels(proc, buf.getvalue()), ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- clip stage
+
+
+def test_clip_loss_treats_repeated_captions_as_positives():
+    import jax.numpy as jnp
+
+    from unclip_jax.training import losses
+
+    class Fixed:  # stands in for a tower: returns the embeddings it is given as params
+        def __init__(self, attr):
+            self.attr = attr
+
+        def apply(self, variables, *args):
+            return type("Out", (), {self.attr: variables["params"]})()
+
+    rng = np.random.default_rng(0)
+    img, txt = rng.standard_normal((4, 8)), rng.standard_normal((4, 8))
+    ids = np.array([[1, 2, 3], [1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    params = {"text_encoder": jnp.asarray(txt), "image_encoder": jnp.asarray(img), "logit_scale": jnp.float32(np.log(10))}
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids, bool), "pixel_values": None}
+    loss, parts = losses.clip_loss(Fixed("text_embeds"), Fixed("image_embeds"), params, batch)
+
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    logits = 10 * unit(img) @ unit(txt).T
+    targets = np.array([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+
+    def xent(lg):
+        return float(np.mean(-(targets * (lg - np.log(np.exp(lg).sum(-1, keepdims=True)))).sum(-1)))
+    assert float(loss) == pytest.approx((xent(logits) + xent(logits.T)) / 2, rel=1e-5)
+    assert float(parts["logit_scale"]) == pytest.approx(10, rel=1e-5)
+
+
+def _tiny_clip_config(root, tokenizer_dir):
+    from unclip_jax.training import config_lib
+    vocab = len(json.loads((tokenizer_dir / "vocab.json").read_text()))
+    c = config_lib.common("clip")
+    c.model.text_encoder = dict(architectures=["CLIPTextModelWithProjection"], vocab_size=vocab, hidden_size=16,
+                                intermediate_size=32, projection_dim=16, num_hidden_layers=1, num_attention_heads=2,
+                                max_position_embeddings=24, hidden_act="quick_gelu", bos_token_id=vocab - 2,
+                                eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    c.model.image_encoder = dict(architectures=["CLIPVisionModelWithProjection"], hidden_size=16, intermediate_size=32,
+                                 projection_dim=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                                 patch_size=8, hidden_act="quick_gelu")
+    c.data, c.tokenizer = str(root / "ds"), str(tokenizer_dir)
+    c.text_length, c.clip_image_size, c.vocab_size, c.clip_dim = 24, 16, vocab, 16
+    c.batch_size, c.total_steps, c.warmup_steps, c.learning_rate = 8, 3, 1, 1e-3
+    c.compute_dtype, c.async_checkpoints = "float32", False
+    c.log_every = c.checkpoint_every = c.sample_every = 3
+    c.num_samples = 8
+    return c
+
+
+def test_clip_stage_trains_on_the_shapes_data_and_exports_a_complete_clip(tmp_path, tokenizer_dir):
+    from unclip_jax.data import make_source
+    from unclip_jax.data.embed import load_towers, tokenize
+    from unclip_jax.training.trainer import train
+    shapes.build_shapes_dataset(tmp_path / "ds", train=16, test=0, heldout=0, progress=False)
+    c = _tiny_clip_config(tmp_path, tokenizer_dir)
+
+    source = make_source(c, "clip")
+    batch = next(source)
+    source.close()
+    assert batch["pixel_values"].shape == (8, 16, 16, 3) and batch["input_ids"].shape == (8, 24)
+    assert batch["pixel_values"].min() < -1.5 and batch["pixel_values"].max() > 1.5   # CLIP-normalised
+
+    metrics = train(c, tmp_path / "run")
+    assert metrics["step"] == 3 and np.isfinite(metrics["loss"])
+    export = tmp_path / "run" / "export"
+    assert {p.name for p in export.iterdir()} == {"text_encoder", "image_encoder", "tokenizer", "feature_extractor"}
+    towers = load_towers(str(export))          # what `unclip-jax data embed` and the pipelines read
+    ids, mask, _ = tokenize(towers.tokenizer, ["a red circle on a blue background"], 24)
+    out = towers.text.apply({"params": towers.text_params}, ids, mask)
+    assert out.text_embeds.shape == (1, 16)
+    assert towers.processor.crop_size == {"height": 16, "width": 16}
+
+
+def test_clip_stage_learns_on_synthetic_batches():
+    import jax
+
+    from unclip_jax.training import sharding, steps, trainer
+    from unclip_jax.training.data import SyntheticData
+    from unclip_jax.training.state import TrainState
+    from unclip_jax.training import config_lib
+    c = config_lib.common("clip")
+    c.model.text_encoder = dict(architectures=["CLIPTextModelWithProjection"], vocab_size=64, hidden_size=16,
+                                intermediate_size=32, projection_dim=16, num_hidden_layers=1, num_attention_heads=2,
+                                max_position_embeddings=8, hidden_act="quick_gelu", bos_token_id=62, eos_token_id=63)
+    c.model.image_encoder = dict(architectures=["CLIPVisionModelWithProjection"], hidden_size=16, intermediate_size=32,
+                                 projection_dim=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                                 patch_size=8, hidden_act="quick_gelu")
+    c.text_length, c.vocab_size, c.clip_dim, c.clip_image_size = 8, 64, 16, 16
+    c.batch_size, c.learning_rate, c.warmup_steps, c.lr_schedule = 16, 3e-3, 1, "constant"
+    c.compute_dtype, c.data_overfit = "float32", True
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    stage, tx, _, shardings = trainer.build(c, mesh)
+    state = TrainState(**trainer.initial_state(c, stage, tx, shardings), frozen=None)
+    assert float(state.params["logit_scale"]) == pytest.approx(np.log(1 / 0.07), rel=1e-4)
+    batch = next(SyntheticData("clip", c))
+    step = jax.jit(steps.make_train_step(stage, tx, c))
+    losses = []
+    for _ in range(40):
+        state, m = step(state, batch, {})
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert float(m["loss/accuracy"]) > 0.5
+
+
+# ------------------------------------------------------------------------------------ model name, CLI
+
+
+def test_demo_name_resolves_to_the_shipped_folder_or_says_it_is_missing(monkeypatch, tmp_path):
+    import unclip_jax.demo as demo
+    from unclip_jax.convert.io import CheckpointError, resolve_folder
+    monkeypatch.setattr(demo, "MODEL_DIR", tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="demo model is missing"):
+        resolve_folder("demo")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "model_index.json").write_text("{}")
+    assert resolve_folder("demo") == tmp_path / "nothing"
+
+
+def test_cli_commands_default_to_the_demo_model():
+    import argparse
+
+    from unclip_jax import manipulations_cli
+    from unclip_jax.cli import _common
+    p = argparse.ArgumentParser()
+    _common(p)
+    assert p.parse_args([]).model == "demo"
+    sub = argparse.ArgumentParser().add_subparsers(dest="command")
+    manipulations_cli.add_subcommands(sub)
+    assert sub.choices["invert"].parse_args(["--image", "x.png"]).model == "demo"

@@ -1,0 +1,242 @@
+r"""From nothing to the shipped demo model, every step resumable: run it again and it continues.
+
+    python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo [--install] [--smoke]
+
+Steps (each skipped when its output is complete; the training steps resume from their last checkpoint):
+
+    data        the captioned shapes dataset (TFDS, ArrayRecord)             workdir/data
+    tokenizer   byte-level BPE on the training captions -> CLIP tokenizer     workdir/tokenizer
+    clip        CLIP towers trained contrastively (configs/demo.py:clip)    workdir/clip/export
+    embed       the new CLIP over the dataset (embeddings + hidden states)   workdir/data/embeddings
+    prior       configs/demo.py:prior                                        workdir/prior/export
+    decoder     configs/demo.py:decoder (with text_proj)                     workdir/decoder/export
+    upsampler   configs/demo.py:upsampler (32 -> 64)                         workdir/upsampler/export
+    assemble    one diffusers unCLIP folder (plus image_encoder/ and feature_extractor/ for variations)
+                                                                             workdir/model
+    evaluate    `unclip-jax evaluate` on it                                  workdir/model/evaluation
+
+--install copies workdir/model into the package (unclip_jax/demo/model), what `--model demo` loads. The training
+configs live in configs/demo.py (a source checkout); --configs points elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("unclip_jax.demo.recipe")
+
+STEPS = ("data", "tokenizer", "clip", "embed", "prior", "decoder", "upsampler", "assemble", "evaluate")
+DATA_SIZES = {"train": 30000, "test": 1000, "heldout": 1000}
+SMOKE_DATA_SIZES = {"train": 64, "test": 16, "heldout": 16}
+DEFAULT_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
+
+# The pipeline folder's model_index.json (diffusers' UnCLIPPipeline; the extra image tower is ignored there).
+MODEL_INDEX = {
+    "_class_name": "UnCLIPPipeline", "_diffusers_version": "0.35.0",
+    "decoder": ["diffusers", "UNet2DConditionModel"], "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
+    "prior": ["diffusers", "PriorTransformer"], "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
+    "super_res_first": ["diffusers", "UNet2DModel"], "super_res_last": ["diffusers", "UNet2DModel"],
+    "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "text_proj": ["unclip", "UnCLIPTextProjModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+}
+
+
+def load_configs(path: str | Path = DEFAULT_CONFIGS):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the recipe reads the demo's training configs from "
+                                "configs/demo.py in a source checkout of unclip_jax; pass --configs PATH")
+    spec = importlib.util.spec_from_file_location("demo_configs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _done(path: Path) -> bool:
+    return path.exists() and any(path.iterdir())
+
+
+def step_data(root: Path, smoke: bool, seed: int = 0) -> Path:
+    from unclip_jax.demo.shapes import build_shapes_dataset
+    out = root / "data"
+    sizes = SMOKE_DATA_SIZES if smoke else DATA_SIZES
+    marker = out / "shapes.json"
+    want = {"sizes": sizes, "seed": seed}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        log.info("data: %s is built", out)
+        return out
+    build_shapes_dataset(out, seed=seed, overwrite=True, **sizes)
+    marker.write_text(json.dumps(want) + "\n")
+    return out
+
+
+def step_tokenizer(root: Path, cfg, smoke: bool) -> Path:
+    from unclip_jax.demo import shapes
+    from unclip_jax.demo.tokenizer import train_clip_tokenizer
+    out = root / "tokenizer"
+    if (out / "vocab.json").exists():
+        log.info("tokenizer: %s exists", out)
+    else:
+        n = (SMOKE_DATA_SIZES if smoke else DATA_SIZES)["train"]
+        train_clip_tokenizer(shapes.all_captions("train", n), out, vocab_size=cfg.VOCAB, max_length=cfg.TEXT_LEN)
+    vocab = len(json.loads((out / "vocab.json").read_text()))
+    if vocab != cfg.VOCAB:
+        raise ValueError(f"the tokenizer in {out} has {vocab} tokens but configs/demo.py's VOCAB is {cfg.VOCAB}: "
+                         "set VOCAB to the tokenizer's size (or delete the folder to retrain it)")
+    return out
+
+
+def _parse(text: str):
+    """A --set value: int, float, true/false/none, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def step_train(root: Path, cfg, stage: str, smoke: bool, overrides: dict) -> Path:
+    from unclip_jax.training.trainer import train
+    arg = f"{stage},root={root}" + (",smoke" if smoke else "")
+    config = cfg.get_config(arg)
+    for key, value in overrides.items():
+        if key not in config:
+            raise KeyError(f"--set {key}=...: the {stage} config has no key {key!r}")
+        config[key] = _parse(value)
+    workdir = root / stage
+    export = workdir / "export"
+    t0 = time.perf_counter()
+    log.info("%s: training (python -m unclip_jax.train --config configs/demo.py:%s --workdir %s)", stage, arg, workdir)
+    train(config, workdir)
+    log.info("%s: done in %.1f min", stage, (time.perf_counter() - t0) / 60)
+    return export
+
+
+def step_embed(root: Path) -> Path:
+    from unclip_jax.data.embed import embed_dataset
+    out = root / "data" / "embeddings"
+    # Without the text hidden states (30k x 24 x 64 fp16 = 92 MB): the train steps run the small frozen text tower.
+    result = embed_dataset(str(root / "clip" / "export"), root / "data", out, batch_size=512)
+    log.info("embed: %s (%d examples now, complete=%s)", out, result.done_now, result.complete)
+    return out
+
+
+def step_assemble(root: Path) -> Path:
+    from unclip_jax.diffusion import scheduler as sch
+    out = root / "model"
+    tmp = root / "model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sources = {"text_encoder": root / "clip/export/text_encoder", "image_encoder": root / "clip/export/image_encoder",
+               "tokenizer": root / "clip/export/tokenizer", "feature_extractor": root / "clip/export/feature_extractor",
+               "prior": root / "prior/export/prior", "decoder": root / "decoder/export/decoder",
+               "text_proj": root / "decoder/export/text_proj",
+               "super_res_first": root / "upsampler/export/super_res_first",
+               # The last super-resolution step uses the same network (Karlo trained a separate one for it).
+               "super_res_last": root / "upsampler/export/super_res_first"}
+    missing = [str(p) for p in sources.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError("assemble: missing " + ", ".join(missing) + " (run the earlier steps)")
+    for name, src in sources.items():
+        shutil.copytree(src, tmp / name)
+    for name, config in (("prior_scheduler", sch.PRIOR), ("decoder_scheduler", sch.DECODER),
+                         ("super_res_scheduler", sch.SUPER_RES)):
+        (tmp / name).mkdir()
+        d = {"_class_name": "UnCLIPScheduler", "_diffusers_version": "0.35.0", **config.to_diffusers()}
+        (tmp / name / "scheduler_config.json").write_text(json.dumps(d, indent=2) + "\n")
+    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("assemble: %s", out)
+    return out
+
+
+def step_evaluate(root: Path, smoke: bool) -> dict:
+    from unclip_jax.demo.evaluate import evaluate
+    kw = dict(num_heldin=4, num_heldout=4, prior_steps=3, decoder_steps=3, super_res_steps=2) if smoke else {}
+    return evaluate(str(root / "model"), out=root / "model" / "evaluation", **kw)
+
+
+def install(root: Path) -> Path:
+    from unclip_jax.demo import MODEL_DIR
+    src = root / "model"
+    if not (src / "model_index.json").exists():
+        raise FileNotFoundError(f"{src} has no assembled model: run the recipe first")
+    shutil.rmtree(MODEL_DIR, ignore_errors=True)
+    shutil.copytree(src, MODEL_DIR, ignore=shutil.ignore_patterns("evaluation"))
+    if (src / "evaluation" / "report.json").exists():
+        shutil.copy(src / "evaluation" / "report.json", MODEL_DIR / "evaluation.json")
+    log.info("installed %s -> %s", src, MODEL_DIR)
+    return MODEL_DIR
+
+
+def run(root: str | Path, *, steps=STEPS, smoke: bool = False, configs=DEFAULT_CONFIGS, overrides: dict | None = None,
+        do_install: bool = False) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = load_configs(configs)
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise ValueError(f"unknown step(s) {sorted(unknown)}; the steps are {', '.join(STEPS)}")
+    t0 = time.perf_counter()
+    timings = {}
+    for step in STEPS:
+        if step not in steps:
+            continue
+        ts = time.perf_counter()
+        if step == "data":
+            step_data(root, smoke)
+        elif step == "tokenizer":
+            step_tokenizer(root, cfg, smoke)
+        elif step == "embed":
+            step_embed(root)
+        elif step == "assemble":
+            step_assemble(root)
+        elif step == "evaluate":
+            step_evaluate(root, smoke)
+        else:
+            step_train(root, cfg, step, smoke, overrides or {})
+        timings[step] = round(time.perf_counter() - ts, 1)
+        log.info("step %s took %.1f s (%.1f min so far)", step, timings[step], (time.perf_counter() - t0) / 60)
+    (root / "recipe_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    if do_install:
+        install(root)
+    return root / "model"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m unclip_jax.demo.recipe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/unclip_demo")
+    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of: " + ", ".join(STEPS))
+    p.add_argument("--smoke", action="store_true", help="a few examples and steps: checks the plumbing in minutes")
+    p.add_argument("--install", action="store_true", help="copy the model into unclip_jax/demo/model")
+    p.add_argument("--configs", default=str(DEFAULT_CONFIGS))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training config key for every stage, e.g. --set compute_dtype=bfloat16")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    run(args.workdir, steps=[s for s in args.steps.split(",") if s], smoke=args.smoke, configs=args.configs,
+        overrides=overrides, do_install=args.install)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
