@@ -254,3 +254,62 @@ def test_cli_commands_default_to_the_demo_model():
     sub = argparse.ArgumentParser().add_subparsers(dest="command")
     manipulations_cli.add_subcommands(sub)
     assert sub.choices["invert"].parse_args(["--image", "x.png"]).model == "demo"
+
+
+# --------------------------------------------------------------- per-model settings, SDEdit super-resolution
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    import tiny_unclip
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_unclip.build(root)
+    return root / "unclip"
+
+
+def test_model_settings_file_is_read_and_checked(tiny_folder, tmp_path):
+    import shutil
+
+    import unclip_jax
+    from unclip_jax.convert.io import CheckpointError
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    assert unclip_jax.UnCLIPPipeline.from_pretrained(folder).sampling_defaults == {}
+    (folder / "unclip_jax.json").write_text(json.dumps({"super_res_start_timestep": 333, "sampling_defaults": {
+        "decoder_guidance_scale": 3.0, "super_res_num_inference_steps": 5}}))
+    pipe = unclip_jax.UnCLIPPipeline.from_pretrained(folder)
+    assert pipe.stages.super_res_start_timestep == 333
+    assert pipe.sampling_defaults == {"decoder_guidance_scale": 3.0, "super_res_num_inference_steps": 5}
+    from unclip_jax.cli import KARLO_SETTINGS, sampling_settings
+    args = type("Args", (), {"decoder_guidance": None, "decoder_steps": 9, "super_res_steps": None,
+                             "prior_guidance": None, "prior_steps": None})()
+    got = sampling_settings(args, pipe, KARLO_SETTINGS)
+    assert got == dict(KARLO_SETTINGS, decoder_guidance_scale=3.0, super_res_num_inference_steps=5,
+                       decoder_num_inference_steps=9)   # flag > model setting > Karlo's
+    for bad, match in (({"super_res_start_timestep": -1}, "expected a timestep"),
+                       ({"sampling_defaults": {"guidance": 2}}, "unknown setting")):
+        (folder / "unclip_jax.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=match):
+            unclip_jax.UnCLIPPipeline.from_pretrained(folder)
+
+
+def test_super_res_can_start_from_the_noised_upsampled_image(tiny_folder):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import unclip_jax
+    from unclip_jax import sampling
+    pipe = unclip_jax.UnCLIPPipeline.from_pretrained(tiny_folder)
+    small = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-0.8, maxval=0.8)
+    cond = sampling.upsample(small, 32)
+    run = lambda stages: sampling.sample_super_res(stages, pipe.params, small, jax.random.key(1), num_steps=7)
+    karlo = run(pipe.stages)                                   # from pure noise at t = 999 (random weights)
+    last_only = run(dataclasses.replace(pipe.stages, super_res_start_timestep=0))
+    mid = run(dataclasses.replace(pipe.stages, super_res_start_timestep=400))   # starts at t = 333
+    err = lambda x: float(jnp.abs(x - cond).mean())
+    # t = 0 keeps sqrt(1 - abar_0) = 0.006 of noise: one step from there stays on the image whatever the weights.
+    assert err(last_only) < 0.05 < err(karlo)
+    assert err(last_only) < err(mid) < err(karlo)
+    assert dataclasses.replace(pipe.stages, super_res_start_timestep=0) != pipe.stages   # a different program

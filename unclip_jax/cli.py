@@ -1,5 +1,7 @@
-"""The `unclip-jax` command: sample, vary, invert, ddim-vary, interpolate, textdiff, inpaint, data build|embed.
+"""The `unclip-jax` command: sample, vary, invert, ddim-vary, interpolate, textdiff, inpaint, data build|embed,
+evaluate.
 
+    unclip-jax sample --prompt "a red circle on a blue background" --num-images 4 --out out/      # the demo model
     unclip-jax sample --model kakaobrain/karlo-v1-alpha --prompt "a red panda" --num-images 4 --out out/
     unclip-jax vary --model kakaobrain/karlo-image-variations-diffusers --image cat.png --out out/
 """
@@ -16,16 +18,35 @@ DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bf
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers unCLIP folder or hub id")
+    p.add_argument("--model", default="demo", help="diffusers unCLIP folder or hub id (default: the shipped demo "
+                   "model, trained on captioned shapes; e.g. kakaobrain/karlo-v1-alpha for Karlo)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt / per input image")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decoder-steps", type=int, default=25)
-    p.add_argument("--super-res-steps", type=int, default=7)
-    p.add_argument("--decoder-guidance", type=float, default=8.0)
+    # None: the model's own settings (its unclip_jax.json, e.g. the demo's), else Karlo's (KARLO_SETTINGS).
+    p.add_argument("--decoder-steps", type=int, default=None, help="default: the model's setting, else 25")
+    p.add_argument("--super-res-steps", type=int, default=None, help="default: the model's setting, else 7")
+    p.add_argument("--decoder-guidance", type=float, default=None, help="default: the model's setting, else 8.0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype of the networks")
     p.add_argument("--out", default="unclip_out", help="folder for the PNGs and the grid")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache: later runs skip compiling")
+
+
+# diffusers' UnCLIPPipeline defaults, used unless the flag or the model's unclip_jax.json says otherwise.
+KARLO_SETTINGS = dict(prior_num_inference_steps=25, decoder_num_inference_steps=25, super_res_num_inference_steps=7,
+                      prior_guidance_scale=4.0, decoder_guidance_scale=8.0)
+_FLAGS = dict(prior_num_inference_steps="prior_steps", decoder_num_inference_steps="decoder_steps",
+              super_res_num_inference_steps="super_res_steps", prior_guidance_scale="prior_guidance",
+              decoder_guidance_scale="decoder_guidance")
+
+
+def sampling_settings(args, pipe, names) -> dict:
+    """Each setting from its flag when given, else the model's sampling_defaults, else Karlo's."""
+    out = {}
+    for name in names:
+        flag = getattr(args, _FLAGS[name], None)
+        out[name] = flag if flag is not None else pipe.sampling_defaults.get(name, KARLO_SETTINGS[name])
+    return out
 
 
 def _report(out, seconds: float, paths) -> None:
@@ -47,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sample", help="text-to-image")
     _common(s)
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    s.add_argument("--prior-steps", type=int, default=25)
-    s.add_argument("--prior-guidance", type=float, default=4.0)
+    s.add_argument("--prior-steps", type=int, default=None, help="default: the model's setting, else 25")
+    s.add_argument("--prior-guidance", type=float, default=None, help="default: the model's setting, else 4.0")
     s.add_argument("--best-of", type=int, default=1, metavar="N",
                    help="the paper's best-of-N prior: N image embeddings per image, the one closest to the text kept")
 
@@ -58,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from unclip_jax import manipulations_cli
     from unclip_jax.data import cli as data_cli
+    from unclip_jax.demo import evaluate as demo_evaluate
     manipulations_cli.add_subcommands(sub)
     data_cli.add_subcommands(sub)
+    demo_evaluate.add_subcommand(sub)
 
     args = parser.parse_args(argv)
     if args.command == "data":
         return data_cli.run(args)
+    if args.command == "evaluate":
+        return demo_evaluate.run(args, parser.error)
     if args.command in manipulations_cli.SUBCOMMANDS:
         return manipulations_cli.run(args, parser.error)
     import unclip_jax
@@ -76,10 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = unclip_jax.UnCLIPPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        kw = dict(rng=args.seed, num_images_per_prompt=args.num_images, prior_num_inference_steps=args.prior_steps,
-                  decoder_num_inference_steps=args.decoder_steps, super_res_num_inference_steps=args.super_res_steps,
-                  prior_guidance_scale=args.prior_guidance, decoder_guidance_scale=args.decoder_guidance,
-                  output_type="np")
+        kw = dict(rng=args.seed, num_images_per_prompt=args.num_images, output_type="np",
+                  **sampling_settings(args, pipe, KARLO_SETTINGS))
         if args.best_of > 1:
             out = pipe.sample_best_of_n(args.prompt, n=args.best_of, **kw)
         else:
@@ -95,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         pipe = unclip_jax.UnCLIPImageVariationPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        out = pipe(images, rng=args.seed, num_images_per_prompt=args.num_images,
-                   decoder_num_inference_steps=args.decoder_steps, super_res_num_inference_steps=args.super_res_steps,
-                   decoder_guidance_scale=args.decoder_guidance, output_type="np", profile=True)
+        out = pipe(images, rng=args.seed, num_images_per_prompt=args.num_images, output_type="np", profile=True,
+                   **sampling_settings(args, pipe, ("decoder_num_inference_steps", "super_res_num_inference_steps",
+                                                    "decoder_guidance_scale")))
     seconds = time.perf_counter() - t0
     paths = save_images(out.images, args.out, prefix=args.command, cols=args.num_images)
     _report(out, seconds, paths)

@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-encoder", default=None, metavar="PATH", help="attach the CLIP vision tower of this folder")
     p.add_argument("--prior", default=None, metavar="PATH", help="attach the prior of this folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--super-res-steps", type=int, default=7)
+    p.add_argument("--super-res-steps", type=int, default=None, help="default: the model's setting, else 7")
     p.add_argument("--dtype", choices=_DTYPES, default="fp32", help="compute dtype of the networks")
     p.add_argument("--out", default="unclip_out", help="folder for the PNGs and the strip")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
@@ -171,13 +171,16 @@ def run(args, error=None) -> int:
     from unclip_jax.images import save_images
     cmd = args.command
     t0 = None
-    common = dict(rng=args.seed, super_res_num_inference_steps=args.super_res_steps, output_type="np")
+    def common_kwargs(pipe) -> dict:
+        steps = (args.super_res_steps if args.super_res_steps is not None
+                 else pipe.sampling_defaults.get("super_res_num_inference_steps", 7))
+        return dict(rng=args.seed, super_res_num_inference_steps=steps, output_type="np")
     if cmd == "invert":
         pipe = _pipeline(args, wants_prior=False)
         pics = [_read(error, p) for p in args.image]
         t0 = time.perf_counter()
         latent = pipe.invert(pics, **_invert_kwargs(args))
-        out = pipe.reconstruct(latent, **common)
+        out = pipe.reconstruct(latent, **common_kwargs(pipe))
         size = out.images.shape[1]
         error_64 = np.abs(out.decoder_output - (np.asarray(pipe.decoder_pixels(pics)) * 0.5 + 0.5)).mean()
         print(f"mean |reconstruction - input| at the decoder's size: {error_64:.4f} (pixel values in [0, 1])")
@@ -191,7 +194,7 @@ def run(args, error=None) -> int:
         source, kw = _source(args, pipe, error)
         etas = args.eta or [0.0, 0.5, 1.0]
         t0 = time.perf_counter()
-        out = pipe.vary_ddim(source, eta=etas, num_images_per_eta=args.num_images, **common, **kw)
+        out = pipe.vary_ddim(source, eta=etas, num_images_per_eta=args.num_images, **common_kwargs(pipe), **kw)
         images, cols = out.images, args.num_images
     elif cmd == "interpolate":
         ends = args.prompt or args.image
@@ -205,14 +208,14 @@ def run(args, error=None) -> int:
                                caption=args.caption, decoder_guidance_scale=args.guidance,
                                prior_guidance_scale=args.prior_guidance, num_inference_steps=args.steps,
                                prior_num_inference_steps=args.prior_steps, guidance_scale=args.inversion_guidance,
-                               max_timestep=args.max_timestep, **common)
+                               max_timestep=args.max_timestep, **common_kwargs(pipe))
         images, cols = out.images, args.num_images
     elif cmd == "textdiff":
         pipe = _pipeline(args, wants_prior=False)
         source, kw = _source(args, pipe, error)
         t0 = time.perf_counter()
         out = pipe.text_diff(source, args.target, base=args.base, max_theta=args.max_theta,
-                             num_images=args.num_images, **common, **kw)
+                             num_images=args.num_images, **common_kwargs(pipe), **kw)
         images, cols = out.images, args.num_images
     elif cmd == "inpaint":
         pipe = _pipeline(args, wants_prior=bool(args.prompt))
@@ -221,7 +224,7 @@ def run(args, error=None) -> int:
         out = pipe.inpaint(pic, mask, prompt=args.prompt, num_images_per_image=args.num_images,
                            num_inference_steps=args.steps, resample=args.resample,
                            decoder_guidance_scale=args.guidance, prior_guidance_scale=args.prior_guidance,
-                           prior_num_inference_steps=args.prior_steps, best_of=args.best_of, **common)
+                           prior_num_inference_steps=args.prior_steps, best_of=args.best_of, **common_kwargs(pipe))
         size = out.images.shape[1]
         shown = _shown(pic, size)
         from unclip_jax.manipulations.mixin import binary_mask, _mask_pixels

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pathlib import Path
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unclip_jax import sampling
@@ -121,7 +122,35 @@ def _load(path_or_id, names, *, dtype, param_dtype, revision=None, cache_dir=Non
         raise CheckpointError(f"{tokenizer_dir} is missing: the pipeline needs its CLIP tokenizer (vocab.json, merges.txt)")
     from transformers import CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    return root, Stages(**modules, **schedulers), params, tokenizer
+    settings = read_settings(root)
+    stages = Stages(**modules, **schedulers, super_res_start_timestep=settings.get("super_res_start_timestep"))
+    return root, stages, params, tokenizer, settings.get("sampling_defaults", {})
+
+
+SETTINGS_FILE = "unclip_jax.json"
+SAMPLING_DEFAULTS = ("prior_num_inference_steps", "decoder_num_inference_steps", "super_res_num_inference_steps",
+                     "prior_guidance_scale", "decoder_guidance_scale")
+
+
+def read_settings(root: Path) -> dict:
+    """The folder's optional unclip_jax.json: {"super_res_start_timestep": int, "sampling_defaults": {...}}, the
+    settings a model was evaluated with (the demo model has one; Karlo's folders do not, and need none)."""
+    path = Path(root) / SETTINGS_FILE
+    if not path.exists():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    unknown = set(settings) - {"super_res_start_timestep", "sampling_defaults"}
+    unknown |= set(settings.get("sampling_defaults", {})) - set(SAMPLING_DEFAULTS)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown setting(s) {sorted(unknown)}; expected super_res_start_timestep and "
+                              f"sampling_defaults with keys from {SAMPLING_DEFAULTS}")
+    t0 = settings.get("super_res_start_timestep")
+    if t0 is not None and (isinstance(t0, bool) or not isinstance(t0, int) or t0 < 0):
+        raise CheckpointError(f"{path}: super_res_start_timestep={t0!r}; expected a timestep >= 0 or null")
+    return settings
 
 
 def _local_batch_sharding(batch: int):
@@ -179,6 +208,7 @@ class _Base:
 
     def __init__(self, stages: Stages, params: dict, tokenizer, feature_extractor=None):
         self.stages, self.params, self.tokenizer, self.feature_extractor = stages, params, tokenizer, feature_extractor
+        self.sampling_defaults: dict = {}
         self._encode = jax.jit(sampling.encode_text, static_argnums=0)
 
     # ------------------------------------------------------------------------------------ text
@@ -209,15 +239,17 @@ class _Base:
         dtype: the networks' compute dtype (jnp.bfloat16 is safe: scheduler arithmetic, softmax and
         norms stay float32); param_dtype: how the weights are stored.
         """
-        root, stages, params, tokenizer = _load(path_or_hub_id, cls.components, dtype=dtype, param_dtype=param_dtype,
-                                                revision=revision, cache_dir=cache_dir, variant=variant,
-                                                progress=progress)
+        root, stages, params, tokenizer, defaults = _load(path_or_hub_id, cls.components, dtype=dtype,
+                                                          param_dtype=param_dtype, revision=revision,
+                                                          cache_dir=cache_dir, variant=variant, progress=progress)
         extractor = None
         if "image_encoder" in cls.components:
             from transformers import CLIPImageProcessorPil
             fe = root / "feature_extractor"
             extractor = CLIPImageProcessorPil.from_pretrained(str(fe)) if fe.exists() else CLIPImageProcessorPil()
-        return cls(stages, params, tokenizer, extractor)
+        pipe = cls(stages, params, tokenizer, extractor)
+        pipe.sampling_defaults = dict(defaults)  # what the CLI uses when its flags are not given
+        return pipe
 
 
 class UnCLIPPipeline(ManipulationsMixin, _Base):

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from unclip_jax.diffusion import scheduler as sch
@@ -46,6 +47,10 @@ class Stages:
     prior_scheduler: sch.SchedulerConfig = sch.PRIOR
     decoder_scheduler: sch.SchedulerConfig = sch.DECODER
     super_res_scheduler: sch.SchedulerConfig = sch.SUPER_RES
+    # None (Karlo): super-resolution starts from pure noise at t = 999. A timestep t0: it starts at the first
+    # inference timestep <= t0 from the upsampled image noised to that level (SDEdit, Meng et al. 2022), which
+    # keeps a small or briefly trained upsampler from drifting in colour at high noise (the demo model's setting).
+    super_res_start_timestep: int | None = None
 
     def need(self, *names: str) -> None:
         missing = [n for n in names if getattr(self, n) is None]
@@ -269,12 +274,17 @@ def sample_super_res(stages: Stages, params: dict, images: jax.Array, key: jax.A
     x = _start(latents, k_start, (b, size, size, channels), "super_res_latents")
     cond = upsample(images.astype(jnp.float32), size)
     state, config = sch.create_state(stages.super_res_scheduler), stages.super_res_scheduler
+    start = 0
+    if stages.super_res_start_timestep is not None:  # SDEdit: the noised upsampled image, part-way down
+        ts = sch.timesteps(num_steps, config.num_train_timesteps)
+        start = min(int(np.argmax(ts <= stages.super_res_start_timestep)), num_steps - 1)
+        x = sch.q_sample(state, cond, jnp.full((b,), ts[start], jnp.int32), x)
 
     def model_fn(module, p):
         return lambda x, t: module.apply({"params": p}, jnp.concatenate([x, cond], axis=-1), t).astype(jnp.float32)
 
     x = denoise(model_fn(first, params["super_res_first"]), state, config, x, num_steps, k_steps, step_noise,
-                last=num_steps - 1)
+                first=start, last=num_steps - 1)
     return denoise(model_fn(last, params["super_res_last"]), state, config, x, num_steps, k_steps, step_noise,
                    first=num_steps - 1)
 

@@ -11,7 +11,8 @@ Steps (each skipped when its output is complete; the training steps resume from 
     prior       configs/demo.py:prior                                        workdir/prior/export
     decoder     configs/demo.py:decoder (with text_proj)                     workdir/decoder/export
     upsampler   configs/demo.py:upsampler (32 -> 64)                         workdir/upsampler/export
-    assemble    one diffusers unCLIP folder (plus image_encoder/ and feature_extractor/ for variations)
+    assemble    one diffusers unCLIP folder (plus image_encoder/ and feature_extractor/ for variations, and
+                unclip_jax.json: the sampling settings the CLI uses for it)
                                                                              workdir/model
     evaluate    `unclip-jax evaluate` on it                                  workdir/model/evaluation
 
@@ -47,6 +48,15 @@ MODEL_INDEX = {
     "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "text_proj": ["unclip", "UnCLIPTextProjModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
 }
+
+
+# What the assembled folder's unclip_jax.json tells the CLI and the pipelines: super-resolution from the noised
+# upsampled image at t <= 333 (a 1500-step 2x upsampler drifts in colour when it starts from pure noise at t = 999),
+# and the sampling settings the evaluation used.
+DEMO_SETTINGS = {"super_res_start_timestep": 333,
+                 "sampling_defaults": {"prior_num_inference_steps": 25, "decoder_num_inference_steps": 25,
+                                       "super_res_num_inference_steps": 7, "prior_guidance_scale": 4.0,
+                                       "decoder_guidance_scale": 3.0}}
 
 
 def load_configs(path: str | Path = DEFAULT_CONFIGS):
@@ -121,7 +131,10 @@ def step_train(root: Path, cfg, stage: str, smoke: bool, overrides: dict) -> Pat
     export = workdir / "export"
     t0 = time.perf_counter()
     log.info("%s: training (python -m unclip_jax.train --config configs/demo.py:%s --workdir %s)", stage, arg, workdir)
-    train(config, workdir)
+    metrics = train(config, workdir)
+    if metrics.get("preempted"):  # SIGTERM: the trainer saved a checkpoint; later stages must not run on without it
+        raise SystemExit(f"recipe: the {stage} stage was interrupted at step {metrics.get('step')} (checkpoint "
+                         f"saved in {workdir}); run the same command again to resume")
     log.info("%s: done in %.1f min", stage, (time.perf_counter() - t0) / 60)
     return export
 
@@ -159,6 +172,7 @@ def step_assemble(root: Path) -> Path:
         d = {"_class_name": "UnCLIPScheduler", "_diffusers_version": "0.35.0", **config.to_diffusers()}
         (tmp / name / "scheduler_config.json").write_text(json.dumps(d, indent=2) + "\n")
     (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    (tmp / "unclip_jax.json").write_text(json.dumps(DEMO_SETTINGS, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("assemble: %s", out)
@@ -167,7 +181,8 @@ def step_assemble(root: Path) -> Path:
 
 def step_evaluate(root: Path, smoke: bool) -> dict:
     from unclip_jax.demo.evaluate import evaluate
-    kw = dict(num_heldin=4, num_heldout=4, prior_steps=3, decoder_steps=3, super_res_steps=2) if smoke else {}
+    kw = (dict(num_heldin=4, num_heldout=4, num_two_shape=2, prior_steps=3, decoder_steps=3, super_res_steps=2)
+          if smoke else {})
     return evaluate(str(root / "model"), out=root / "model" / "evaluation", **kw)
 
 
