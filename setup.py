@@ -34,6 +34,7 @@ setup(
     entry_points={"console_scripts": ["unclip-jax=unclip_jax.cli:main"]},
     extras_require={
         # The PyTorch reference for parity tests. torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "accelerate>=1.0",
+                 "nbclient", "nbformat", "ipykernel"],
     },
 )

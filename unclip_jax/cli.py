@@ -14,6 +14,8 @@ import time
 
 import jax.numpy as jnp
 
+from unclip_jax.pipeline import KARLO_SETTINGS  # diffusers' defaults, unless the flag or the model says otherwise
+
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
 
 
@@ -32,9 +34,6 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="persistent XLA compilation cache: later runs skip compiling")
 
 
-# diffusers' UnCLIPPipeline defaults, used unless the flag or the model's unclip_jax.json says otherwise.
-KARLO_SETTINGS = dict(prior_num_inference_steps=25, decoder_num_inference_steps=25, super_res_num_inference_steps=7,
-                      prior_guidance_scale=4.0, decoder_guidance_scale=8.0)
 _FLAGS = dict(prior_num_inference_steps="prior_steps", decoder_num_inference_steps="decoder_steps",
               super_res_num_inference_steps="super_res_steps", prior_guidance_scale="prior_guidance",
               decoder_guidance_scale="decoder_guidance")

@@ -128,6 +128,10 @@ def _load(path_or_id, names, *, dtype, param_dtype, revision=None, cache_dir=Non
 
 
 SETTINGS_FILE = "unclip_jax.json"
+# diffusers' UnCLIPPipeline defaults: what a sampling argument left at None becomes, unless the model's
+# unclip_jax.json gives its own value (pipe.sampling_defaults).
+KARLO_SETTINGS = dict(prior_num_inference_steps=25, decoder_num_inference_steps=25, super_res_num_inference_steps=7,
+                      prior_guidance_scale=4.0, decoder_guidance_scale=8.0)
 SAMPLING_DEFAULTS = ("prior_num_inference_steps", "decoder_num_inference_steps", "super_res_num_inference_steps",
                      "prior_guidance_scale", "decoder_guidance_scale")
 
@@ -211,6 +215,10 @@ class _Base:
         self.sampling_defaults: dict = {}
         self._encode = jax.jit(sampling.encode_text, static_argnums=0)
 
+    def _settings(self, **given) -> tuple:
+        """Each sampling argument as given, else the model's setting, else KARLO_SETTINGS (in the given order)."""
+        return tuple(v if v is not None else self.sampling_defaults.get(k, KARLO_SETTINGS[k]) for k, v in given.items())
+
     # ------------------------------------------------------------------------------------ text
     def tokenize(self, prompts: Sequence[str]) -> Tokens:
         """Pads to the tokenizer's max length (77), truncating longer prompts with a warning, as diffusers does."""
@@ -264,9 +272,9 @@ class UnCLIPPipeline(ManipulationsMixin, _Base):
             "super_res_num_inference_steps", "guidance", "batch_sharding", "return_intermediates"))
 
     def __call__(self, prompt: str | list[str] | None = None, *, rng: Any = None, num_images_per_prompt: int = 1,
-                 prior_num_inference_steps: int = 25, decoder_num_inference_steps: int = 25,
-                 super_res_num_inference_steps: int = 7, prior_guidance_scale: float = 4.0,
-                 decoder_guidance_scale: float = 8.0, text_model_output=None, text_attention_mask=None,
+                 prior_num_inference_steps: int | None = None, decoder_num_inference_steps: int | None = None,
+                 super_res_num_inference_steps: int | None = None, prior_guidance_scale: float | None = None,
+                 decoder_guidance_scale: float | None = None, text_model_output=None, text_attention_mask=None,
                  prior_latents=None, decoder_latents=None, super_res_latents=None, prior_step_noise=None,
                  decoder_step_noise=None, super_res_step_noise=None, output_type: str = "pil",
                  return_dict: bool = True, profile: bool = False):
@@ -278,7 +286,15 @@ class UnCLIPPipeline(ManipulationsMixin, _Base):
         (P * num_images_per_prompt, ...). rng: a jax key or an int seed (None: a fresh random seed).
         profile: run the stages as separately compiled functions (same images, one device) and
         report each one's compile and run time in the output's `timings`.
+        Steps and guidance scales left at None take the model's settings (`sampling_defaults`, from its
+        unclip_jax.json), else diffusers' defaults (KARLO_SETTINGS: 25 / 25 / 7 steps, guidance 4 and 8).
         """
+        prior_num_inference_steps, decoder_num_inference_steps, super_res_num_inference_steps, \
+            prior_guidance_scale, decoder_guidance_scale = self._settings(
+                prior_num_inference_steps=prior_num_inference_steps,
+                decoder_num_inference_steps=decoder_num_inference_steps,
+                super_res_num_inference_steps=super_res_num_inference_steps,
+                prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale)
         _check_steps(prior_num_inference_steps=prior_num_inference_steps,
                      decoder_num_inference_steps=decoder_num_inference_steps,
                      super_res_num_inference_steps=super_res_num_inference_steps)
@@ -358,14 +374,18 @@ class UnCLIPImageVariationPipeline(ManipulationsMixin, _Base):
         return self._embed(self.stages, self.params, self.preprocess(image))
 
     def __call__(self, image=None, *, rng: Any = None, num_images_per_prompt: int = 1,
-                 decoder_num_inference_steps: int = 25, super_res_num_inference_steps: int = 7,
-                 decoder_guidance_scale: float = 8.0, image_embeddings=None, decoder_latents=None,
+                 decoder_num_inference_steps: int | None = None, super_res_num_inference_steps: int | None = None,
+                 decoder_guidance_scale: float | None = None, image_embeddings=None, decoder_latents=None,
                  super_res_latents=None, decoder_step_noise=None, super_res_step_noise=None,
                  output_type: str = "pil", return_dict: bool = True, profile: bool = False):
         """Variations of `image` (PIL image, list, or array; see `preprocess`) or of given image_embeddings (B, D).
 
         profile: as for UnCLIPPipeline, per-stage compile and run times in the output's `timings`.
+        Settings left at None: the model's, else diffusers' defaults (as for UnCLIPPipeline).
         """
+        decoder_num_inference_steps, super_res_num_inference_steps, decoder_guidance_scale = self._settings(
+            decoder_num_inference_steps=decoder_num_inference_steps,
+            super_res_num_inference_steps=super_res_num_inference_steps, decoder_guidance_scale=decoder_guidance_scale)
         timer = _StageTimer() if profile else None
         _check_steps(decoder_num_inference_steps=decoder_num_inference_steps,
                      super_res_num_inference_steps=super_res_num_inference_steps)
