@@ -33,7 +33,8 @@ setup(
     ],
     entry_points={"console_scripts": ["unclip-jax=unclip_jax.cli:main"]},
     extras_require={
-        # The PyTorch reference for parity tests. torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+        # The PyTorch reference for parity tests (torch pinned: an unpinned torch pulls a multi-GB CUDA build),
+        # and what the tests run the notebooks with.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "accelerate>=1.0",
                  "nbclient", "nbformat", "ipykernel"],
     },

@@ -313,3 +313,18 @@ def test_super_res_can_start_from_the_noised_upsampled_image(tiny_folder):
     assert err(last_only) < 0.05 < err(karlo)
     assert err(last_only) < err(mid) < err(karlo)
     assert dataclasses.replace(pipe.stages, super_res_start_timestep=0) != pipe.stages   # a different program
+
+
+def test_installed_weights_are_float16_and_load_as_float32(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from unclip_jax.convert.io import SafetensorsReader
+    from unclip_jax.demo.recipe import to_float16
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    (tmp_path / "c").mkdir()
+    save_file({"w": x, "steps": np.arange(3)}, str(tmp_path / "c" / "m.safetensors"))
+    to_float16(tmp_path)
+    out = load_file(str(tmp_path / "c" / "m.safetensors"))
+    assert out["w"].dtype == np.float16 and out["steps"].dtype == np.arange(3).dtype
+    np.testing.assert_allclose(out["w"], x, atol=2e-3)
+    assert SafetensorsReader(tmp_path / "c" / "m.safetensors").get("w").dtype == np.float16   # the loader casts

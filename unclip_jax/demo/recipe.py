@@ -54,8 +54,8 @@ MODEL_INDEX = {
 # upsampled image at t <= 333 (a 1500-step 2x upsampler drifts in colour when it starts from pure noise at t = 999),
 # and the sampling settings the evaluation used.
 DEMO_SETTINGS = {"super_res_start_timestep": 333,
-                 "sampling_defaults": {"prior_num_inference_steps": 25, "decoder_num_inference_steps": 25,
-                                       "super_res_num_inference_steps": 7, "prior_guidance_scale": 4.0,
+                 "sampling_defaults": {"prior_num_inference_steps": 25, "decoder_num_inference_steps": 16,
+                                       "super_res_num_inference_steps": 4, "prior_guidance_scale": 4.0,
                                        "decoder_guidance_scale": 3.0}}
 
 
@@ -186,6 +186,16 @@ def step_evaluate(root: Path, smoke: bool) -> dict:
     return evaluate(str(root / "model"), out=root / "model" / "evaluation", **kw)
 
 
+def to_float16(folder: Path) -> None:
+    """Stores every float32 weight as float16 (half the package size; the loaders cast back to float32)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        tensors = load_file(str(path))
+        save_file({k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in tensors.items()}, str(path),
+                  metadata={"format": "pt"})
+
+
 def install(root: Path) -> Path:
     from unclip_jax.demo import MODEL_DIR
     src = root / "model"
@@ -193,6 +203,7 @@ def install(root: Path) -> Path:
         raise FileNotFoundError(f"{src} has no assembled model: run the recipe first")
     shutil.rmtree(MODEL_DIR, ignore_errors=True)
     shutil.copytree(src, MODEL_DIR, ignore=shutil.ignore_patterns("evaluation"))
+    to_float16(MODEL_DIR)
     if (src / "evaluation" / "report.json").exists():
         shutil.copy(src / "evaluation" / "report.json", MODEL_DIR / "evaluation.json")
     log.info("installed %s -> %s", src, MODEL_DIR)
