@@ -2,7 +2,10 @@ r"""The demo model shipped in unclip_jax/demo/model: a small unCLIP trained from
 scenes (unclip_jax.demo.shapes), every stage with this project's trainer. One command makes it, resuming
 whatever an earlier run left in the workdir:
 
-    python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo            # about an hour on 2 CPU cores
+    python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo            # about 10 minutes on an H100
+
+On a 2-core CPU the data, tokenizer, CLIP, embedding and prior take about 30 minutes, but the decoder's 5000 x 32
+steps take about 7 hours (0.2-0.6 steps/s at batch 16 measured there; BENCHMARKS.md).
 
 It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
 with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
