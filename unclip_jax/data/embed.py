@@ -154,19 +154,16 @@ def clip_pixels(processor, data: bytes) -> np.ndarray:
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
-        if not _standard(processor):
-            pixels = processor(images=[im], return_tensors="np").pixel_values[0]
-            return np.ascontiguousarray(pixels.transpose(1, 2, 0), np.float32)
+    if _standard(processor):
         short = processor.size["shortest_edge"]
         ch, cw = processor.crop_size["height"], processor.crop_size["width"]
         w, h = im.size
         nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-        a = np.asarray(im.resize((nw, nh), processor.resample), np.float32)
-    top, left = int((nh - ch) / 2), int((nw - cw) / 2)
-    if top < 0 or left < 0:  # a crop larger than the resized image: the processor pads; let it
-        with Image.open(io.BytesIO(data)) as im:
-            pixels = processor(images=[im.convert("RGB")], return_tensors="np").pixel_values[0]
+        top, left = int((nh - ch) / 2), int((nw - cw) / 2)
+    if not _standard(processor) or top < 0 or left < 0:  # (a crop larger than the resized image: it pads)
+        pixels = processor(images=[im], return_tensors="np").pixel_values[0]
         return np.ascontiguousarray(pixels.transpose(1, 2, 0), np.float32)
+    a = np.asarray(im.resize((nw, nh), processor.resample), np.float32)
     a = a[top:top + ch, left:left + cw] * np.float32(processor.rescale_factor)
     mean, std = np.asarray(processor.image_mean, np.float32), np.asarray(processor.image_std, np.float32)
     return np.ascontiguousarray((a - mean) / std, np.float32)

@@ -3,8 +3,9 @@ transformers' CLIPTokenizer reads (vocab.json, merges.txt, tokenizer_config.json
 
     tok = train_clip_tokenizer(captions, "out/tokenizer", vocab_size=600, max_length=32)
 
-The vocabulary is laid out as OpenAI's CLIP lays out its own: the 256 byte symbols, the same with the end-of-word
-marker "</w>", the learned merges in order, then <|startoftext|> and <|endoftext|>. Every byte string therefore
+The vocabulary follows OpenAI's CLIP layout: the 256 byte symbols (here in byte order; OpenAI lists the printable
+ones first, which tests/tiny_unclip.py reproduces), the same with the end-of-word marker "</w>", the learned merges
+in order, then <|startoftext|> and <|endoftext|>. Every byte string therefore
 still tokenizes (a word the captions never had falls apart into smaller pieces instead of an unknown token), and
 the merges the tokenizers trainer learned are the ones CLIPTokenizer applies.
 """
