@@ -293,6 +293,61 @@ def test_model_settings_file_is_read_and_checked(tiny_folder, tmp_path):
             unclip_jax.UnCLIPPipeline.from_pretrained(folder)
 
 
+def test_manipulations_take_the_model_settings(tiny_folder, tmp_path, monkeypatch):
+    """Steps and guidance left unset in the manipulation methods come from the model's unclip_jax.json (else
+    Karlo's); what the caller passes wins. The jitted kernels are replaced by recorders: only the resolution
+    of the settings is under test here (the kernels have their own tests)."""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    import unclip_jax
+    from unclip_jax.manipulations import mixin
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    model = {"decoder_guidance_scale": 3.0, "decoder_num_inference_steps": 6, "super_res_num_inference_steps": 2,
+             "prior_guidance_scale": 2.5, "prior_num_inference_steps": 5}
+    (folder / "unclip_jax.json").write_text(json.dumps({"sampling_defaults": model}))
+    pipe = unclip_jax.UnCLIPPipeline.from_pretrained(folder)
+
+    class Recorded(Exception):
+        pass
+
+    seen = {}
+
+    def prompt_rows(stages, params, a, b, thetas, uncond, key, prior_scale, *, prior_num_steps, guidance):
+        seen["prior"] = (float(prior_scale), prior_num_steps)
+        return jnp.zeros((thetas.shape[0], 4)), None, None, jax.random.key(0)
+
+    def decode(stages, params, z, text, uncond, x_t, keys, scale, eta, *, num_steps, super_res_num_steps, **kw):
+        seen["decoder"] = (float(scale), num_steps, super_res_num_steps)
+        raise Recorded
+
+    def best_of_n(stages, params, cond, uncond, rng, prior_scale, decoder_scale, **kw):
+        seen["best_of_n"] = (float(prior_scale), float(decoder_scale), kw["prior_num_inference_steps"],
+                             kw["decoder_num_inference_steps"], kw["super_res_num_inference_steps"])
+        raise Recorded
+
+    monkeypatch.setattr(mixin, "_prompt_rows", prompt_rows)
+    monkeypatch.setattr(mixin, "_decode", decode)
+    monkeypatch.setattr(mixin, "_best_of_n", best_of_n)
+    with pytest.raises(Recorded):
+        pipe.interpolate("a red circle", "a blue square", num_images=3)
+    assert seen == {"prior": (2.5, 5), "decoder": (3.0, 6, 2)}
+    with pytest.raises(Recorded):
+        pipe.interpolate("a red circle", "a blue square", num_images=3, prior_guidance_scale=7.0,
+                         num_inference_steps=4, super_res_num_inference_steps=3)
+    assert seen == {"prior": (7.0, 5), "decoder": (3.0, 4, 3)}
+    with pytest.raises(Recorded):
+        pipe.sample_best_of_n("a red circle", decoder_guidance_scale=1.5)
+    assert seen["best_of_n"] == (2.5, 1.5, 5, 6, 2)
+    pipe.sampling_defaults = {}   # a model without settings: Karlo's
+    with pytest.raises(Recorded):
+        pipe.sample_best_of_n("a red circle")
+    assert seen["best_of_n"] == (4.0, 8.0, 25, 25, 7)
+
+
 def test_super_res_can_start_from_the_noised_upsampled_image(tiny_folder):
     import dataclasses
 
@@ -313,6 +368,28 @@ def test_super_res_can_start_from_the_noised_upsampled_image(tiny_folder):
     assert err(last_only) < 0.05 < err(karlo)
     assert err(last_only) < err(mid) < err(karlo)
     assert dataclasses.replace(pipe.stages, super_res_start_timestep=0) != pipe.stages   # a different program
+
+
+def test_assemble_takes_the_decoder_scheduler_the_decoder_stage_exported(tmp_path):
+    """The decoder stage exports decoder_scheduler/ (what its model predicts); assemble uses it, else Karlo's."""
+    from unclip_jax.demo import recipe
+    from unclip_jax.diffusion import scheduler as sch
+    from unclip_jax.training.stages import write_scheduler
+    import dataclasses
+    for part in ("clip/export/text_encoder", "clip/export/image_encoder", "clip/export/tokenizer",
+                 "clip/export/feature_extractor", "prior/export/prior", "decoder/export/decoder",
+                 "decoder/export/text_proj", "upsampler/export/super_res_first"):
+        (tmp_path / part).mkdir(parents=True)
+        (tmp_path / part / "config.json").write_text("{}")
+    read = lambda: json.loads((tmp_path / "model/decoder_scheduler/scheduler_config.json").read_text())
+    recipe.step_assemble(tmp_path)
+    assert read()["prediction_type"] == "epsilon" and read()["variance_type"] == "learned_range"
+    write_scheduler(tmp_path / "decoder/export/decoder_scheduler",
+                    dataclasses.replace(sch.DECODER, prediction_type="sample"))
+    recipe.step_assemble(tmp_path)
+    assert read()["prediction_type"] == "sample"
+    assert sch.SchedulerConfig.from_diffusers(read()) == dataclasses.replace(sch.DECODER, prediction_type="sample")
+    assert json.loads((tmp_path / "model/unclip_jax.json").read_text()) == recipe.DEMO_SETTINGS
 
 
 def test_installed_weights_are_float16_and_load_as_float32(tmp_path):

@@ -349,6 +349,17 @@ def test_vb_loss_trains_only_the_variance_with_finite_gradients():
     assert np.all(np.isfinite(g_v)) and np.any(g_v != 0)
 
 
+def test_vb_loss_of_an_x0_model_equals_that_of_the_same_prediction_as_noise():
+    state = create_state(DECODER)
+    t = np.array([0, 1, 100, 500, 900], np.int32)   # not 999: there x0 from eps is ill-conditioned
+    x0, x_t, _, eps_pred, v = _training_batch(state, t, seed=13, eps_error=0.3)
+    x0_pred = np.asarray(predict_x0(state, DECODER, eps_pred, t, x_t, clip=False))
+    np.testing.assert_allclose(vb_loss(state, x0, x_t, t, None, v, x0_pred=x0_pred),
+                               vb_loss(state, x0, x_t, t, eps_pred, v), rtol=1e-4, atol=1e-6)
+    g = jax.grad(lambda p: vb_loss(state, x0, x_t, t, None, v, x0_pred=p).sum())(x0_pred)
+    np.testing.assert_array_equal(g, 0.0)   # the mean is trained by the MSE alone
+
+
 def test_discretized_likelihood_sums_to_one_over_the_bins():
     bins = np.linspace(-1, 1, 256, dtype=np.float32)
     logp = discretized_gaussian_log_likelihood(bins, np.float32(0.1), np.float32(math.log(0.3)))

@@ -156,6 +156,81 @@ def test_config_errors_name_the_key():
         config_lib.check(c)
 
 
+def test_config_checks_the_prediction_type():
+    from unclip_jax.training import config_lib
+    c = tiny_config("decoder")
+    c.prediction_type = "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'; expected epsilon"):
+        config_lib.check(c)
+    c = tiny_config("upsampler")
+    c.prediction_type = "sample"
+    with pytest.raises(ValueError, match="is a decoder setting"):
+        config_lib.check(c)
+
+
+def test_decoder_stage_samples_and_exports_with_its_prediction_type(tmp_path):
+    import jax
+
+    from unclip_jax.diffusion import scheduler as sch
+    from unclip_jax.training import stages
+    c = tiny_config("decoder")
+    c.prediction_type = "sample"
+    stage = stages.build_stage(c)
+    assert stage.scheduler.prediction_type == "sample" and stage.loss_config.prediction_type == "sample"
+    stage.export(stages.init_trained(stage, jax.random.key(0)), tmp_path)
+    written = json.loads((tmp_path / "decoder_scheduler" / "scheduler_config.json").read_text())
+    assert sch.SchedulerConfig.from_diffusers(written) == stage.scheduler
+    assert {p.name for p in tmp_path.iterdir()} == {"decoder", "text_proj", "decoder_scheduler"}
+
+
+class _Stub:
+    """A module stand-in: apply(variables, *args, **kwargs) -> fn(*args)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def apply(self, variables, *args, **kwargs):
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_decoder_loss_targets_what_the_model_predicts(prediction_type):
+    """A decoder that returns exactly the target of its prediction type (the noise, or x0) has zero MSE; the
+    other type's target is far from it. The variance channels are the true posterior's (v = -1 at t > 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax.diffusion import scheduler as sch
+    from unclip_jax.sampling import TextConditioning
+    from unclip_jax.training import losses
+
+    rng = np.random.default_rng(0)
+    b, size, d, length = 6, 8, 4, 3
+    x0 = jnp.asarray(rng.uniform(-1, 1, (b, size, size, 3)), jnp.float32)
+    sched = sch.create_state(sch.DECODER)
+    text = TextConditioning(jnp.ones((b, d)), jnp.ones((b, length, d)), jnp.ones((b, length), bool))
+    params = {"decoder": {}, "text_proj": {"learned_classifier_free_guidance_embeddings": jnp.zeros((d,))}}
+    text_proj = _Stub(lambda z, embeds, hidden, guidance: (jnp.zeros((b, length + 2, d)), jnp.zeros((b, d))))
+
+    def model(kind):
+        def fn(x_t, t):
+            abar = sch.alpha_bar(sched, t)[:, None, None, None]
+            pred = x0 if kind == "sample" else (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+            return jnp.concatenate([pred, -jnp.ones_like(x_t)], axis=-1)
+        return _Stub(fn)
+
+    def loss(kind, cfg_kind):
+        cfg = losses.LossConfig(text_drop=0.0, image_embed_drop=0.0, prediction_type=cfg_kind)
+        total, parts = losses.decoder_loss(model(kind), text_proj, params, x0, jnp.ones((b, d)), text,
+                                           jax.random.key(3), sched=sched, cfg=cfg, null_text=text)
+        return {k: float(v) for k, v in parts.items()}
+
+    right = loss(prediction_type, prediction_type)
+    assert right["mse"] < 1e-5 and abs(right["vb"]) < 1e-3
+    other = "sample" if prediction_type == "epsilon" else "epsilon"
+    assert loss(other, prediction_type)["mse"] > 0.1
+
+
 # ------------------------------------------------------------------------------------ subprocess side
 
 

@@ -80,9 +80,10 @@ def add_subcommands(subparsers) -> None:
                    help="fixed: one random x_T for the row (figure 4); inverted: slerp of the inverted x_T")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance", type=float, default=None,
-                   help="decoder guidance (default 8, or the inversion's with --latents inverted)")
-    p.add_argument("--prior-steps", type=int, default=25)
-    p.add_argument("--prior-guidance", type=float, default=4.0)
+                   help="decoder guidance (default: the model's setting, else 8; the inversion's with --latents "
+                        "inverted)")
+    p.add_argument("--prior-steps", type=int, default=None, help="default: the model's setting, else 25")
+    p.add_argument("--prior-guidance", type=float, default=None, help="default: the model's setting, else 4")
 
     p = subparsers.add_parser("textdiff", help="language-guided edit: slerp(z_i, z_d, theta) with x_T fixed")
     _common(p)
@@ -101,11 +102,11 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--mask", required=True, help="binary image of the same size, white where the image is redrawn")
     p.add_argument("--prompt", default=None, help="what to draw there (needs the prior); default: the image itself")
     p.add_argument("--num-images", type=int, default=2)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None, help="decoder steps (default: the model's setting, else 25)")
     p.add_argument("--resample", type=int, default=5, help="RePaint tries per step")
-    p.add_argument("--guidance", type=float, default=8.0)
-    p.add_argument("--prior-steps", type=int, default=25)
-    p.add_argument("--prior-guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's setting, else 8")
+    p.add_argument("--prior-steps", type=int, default=None, help="default: the model's setting, else 25")
+    p.add_argument("--prior-guidance", type=float, default=None, help="default: the model's setting, else 4")
     p.add_argument("--best-of", type=int, default=1, help="prior samples per image, the closest to the prompt kept")
 
 
@@ -171,10 +172,8 @@ def run(args, error=None) -> int:
     from unclip_jax.images import save_images
     cmd = args.command
     t0 = None
-    def common_kwargs(pipe) -> dict:
-        steps = (args.super_res_steps if args.super_res_steps is not None
-                 else pipe.sampling_defaults.get("super_res_num_inference_steps", 7))
-        return dict(rng=args.seed, super_res_num_inference_steps=steps, output_type="np")
+    def common_kwargs(pipe) -> dict:  # None: the pipeline takes the model's setting, else Karlo's
+        return dict(rng=args.seed, super_res_num_inference_steps=args.super_res_steps, output_type="np")
     if cmd == "invert":
         pipe = _pipeline(args, wants_prior=False)
         pics = [_read(error, p) for p in args.image]

@@ -166,11 +166,14 @@ def step_assemble(root: Path) -> Path:
         raise FileNotFoundError("assemble: missing " + ", ".join(missing) + " (run the earlier steps)")
     for name, src in sources.items():
         shutil.copytree(src, tmp / name)
+    from unclip_jax.training.stages import write_scheduler
     for name, config in (("prior_scheduler", sch.PRIOR), ("decoder_scheduler", sch.DECODER),
                          ("super_res_scheduler", sch.SUPER_RES)):
-        (tmp / name).mkdir()
-        d = {"_class_name": "UnCLIPScheduler", "_diffusers_version": "0.35.0", **config.to_diffusers()}
-        (tmp / name / "scheduler_config.json").write_text(json.dumps(d, indent=2) + "\n")
+        trained = root / "decoder/export" / name   # the decoder stage says what its model predicts
+        if name == "decoder_scheduler" and (trained / "scheduler_config.json").exists():
+            shutil.copytree(trained, tmp / name)
+        else:
+            write_scheduler(tmp / name, config)
     (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     (tmp / "unclip_jax.json").write_text(json.dumps(DEMO_SETTINGS, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)

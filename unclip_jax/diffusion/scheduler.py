@@ -428,7 +428,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales) -> jax.Array:
     return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def vb_loss(state: SchedulerState, x0, x_t, t, eps_pred, v) -> jax.Array:
+def vb_loss(state: SchedulerState, x0, x_t, t, eps_pred, v, *, x0_pred=None) -> jax.Array:
     """Variational-bound term L_vlb of the hybrid loss (Nichol & Dhariwal section 3.1), bits per dim.
 
     The mean comes from eps_pred under stop_gradient, so this term trains only the variance v (the
@@ -436,12 +436,16 @@ def vb_loss(state: SchedulerState, x0, x_t, t, eps_pred, v) -> jax.Array:
     L_0 = decoder NLL of x0 (discretised Gaussian) where t == 0, L_{t-1} = KL(q posterior || p) elsewhere.
 
     Args: x0, x_t, eps_pred, v: (B, H, W, C) (any (B, ...)); t: (B,) int on the 1000-step schedule.
+    x0_pred: a model that predicts x0 passes it here (and eps_pred None): used as it is, never derived.
     Returns: (B,) float32. guided-diffusion's hybrid loss scales this by num_timesteps / 1000 (= 1 here).
     """
     x0, x_t = jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32)
     t = _timestep(t, "t", x_t)
-    eps = jax.lax.stop_gradient(jnp.asarray(eps_pred, jnp.float32))
-    x0_pred = _x0_from_eps(alpha_bar(state, t), x_t, eps)
+    if x0_pred is None:
+        eps = jax.lax.stop_gradient(jnp.asarray(eps_pred, jnp.float32))
+        x0_pred = _x0_from_eps(alpha_bar(state, t), x_t, eps)
+    else:
+        x0_pred = jax.lax.stop_gradient(jnp.asarray(x0_pred, jnp.float32))
     model_mean, _, _ = posterior_mean_variance(state, x0_pred, x_t, t)
     model_log_var = learned_range_log_variance(state, v, t)
     true_mean, _, true_log_var = posterior_mean_variance(state, x0, x_t, t)

@@ -316,7 +316,7 @@ class ManipulationsMixin:
             raise ValueError(f"{what} needs an image (or images) or a BipartiteLatent from pipe.invert")
         return self.invert(image_or_latent, **invert_kwargs)
 
-    def reconstruct(self, image_or_latent, *, rng: Any = 0, super_res_num_inference_steps: int = 7,
+    def reconstruct(self, image_or_latent, *, rng: Any = 0, super_res_num_inference_steps: int | None = None,
                     clip_sample: bool = False, output_type: str = "pil", return_dict: bool = True, **invert_kwargs):
         """DDIM with eta = 0 from the bipartite latent: the input image again (64x64 stage), then super-res.
 
@@ -325,6 +325,7 @@ class ManipulationsMixin:
         """
         from unclip_jax.pipeline import _as_rng
         latent = self._latent(image_or_latent, "reconstruct", **invert_kwargs)
+        (super_res_num_inference_steps,) = self._settings(super_res_num_inference_steps=super_res_num_inference_steps)
         images, small = self._decode_rows(latent.image_embeddings, latent.text, latent.latents, _as_rng(rng),
                                           latent.guidance_scale, 0.0, latent.num_steps, latent.max_timestep,
                                           latent.guidance, clip_sample, super_res_num_inference_steps)
@@ -333,7 +334,7 @@ class ManipulationsMixin:
 
     def vary_ddim(self, image_or_latent, *, eta: float | Sequence[float] = 0.5, num_images_per_eta: int = 4,
                   rng: Any = None, decoder_guidance_scale: float | None = None, clip_sample: bool = False,
-                  super_res_num_inference_steps: int = 7, output_type: str = "pil", return_dict: bool = True,
+                  super_res_num_inference_steps: int | None = None, output_type: str = "pil", return_dict: bool = True,
                   **invert_kwargs):
         """Variations from the bipartite latent with DDIM eta > 0 (paper section 3.1, figure 3).
 
@@ -345,6 +346,7 @@ class ManipulationsMixin:
         etas = _check_eta(eta)
         k = _positive_int(num_images_per_eta, "num_images_per_eta")
         latent = self._latent(image_or_latent, "vary_ddim", **invert_kwargs)
+        (super_res_num_inference_steps,) = self._settings(super_res_num_inference_steps=super_res_num_inference_steps)
         b, e = latent.batch_size, etas.shape[0]
         rows = latent[np.repeat(np.arange(b), e * k)]
         eta_rows = jnp.asarray(np.tile(np.repeat(etas, k), b))
@@ -359,10 +361,10 @@ class ManipulationsMixin:
     # ------------------------------------------------------------------- section 3.2: interpolation
     def interpolate(self, start, end, *, num_images: int = 5, thetas=None, latents: str = "fixed", rng: Any = None,
                     caption=None, image_embeddings=None, eta: float = 0.0, decoder_guidance_scale: float | None = None,
-                    prior_guidance_scale: float = 4.0, num_inference_steps: int | None = None,
-                    prior_num_inference_steps: int = 25, guidance_scale: float = 1.0,
+                    prior_guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                    prior_num_inference_steps: int | None = None, guidance_scale: float = 1.0,
                     max_timestep: int = DEFAULT_MAX_TIMESTEP, clip_sample: bool | None = None,
-                    super_res_num_inference_steps: int = 7, output_type: str = "pil", return_dict: bool = True):
+                    super_res_num_inference_steps: int | None = None, output_type: str = "pil", return_dict: bool = True):
         """A row of images between two images (paper section 3.2, figure 4), or between two prompts.
 
         start, end: two images (PIL or arrays, of one size), two BipartiteLatents (one image each), or
@@ -373,12 +375,15 @@ class ManipulationsMixin:
         the ends reconstruct the inputs (images only; inverted with `guidance_scale`, the empty prompt
         or `caption` (a str or a pair), `num_inference_steps` (default 50) and `max_timestep`).
         num_images: the row's length, ends included (thetas evenly spaced in [0, 1]); or thetas.
-        Defaults for a fixed x_T are Karlo's sampler's (25 decoder steps, guidance 8, x0 clipped); for
-        inverted latents the inversion's (no clipping: see `manipulations.ddim`).
+        Defaults for a fixed x_T are the model's sampling settings (its unclip_jax.json; else Karlo's: 25
+        decoder steps, guidance 8, prior 25 steps at guidance 4), x0 clipped as the decoder's scheduler
+        says; for inverted latents the inversion's (no clipping: see `manipulations.ddim`). Super-res
+        steps default to the model's setting (else 7) everywhere in this mixin.
         """
         from unclip_jax.pipeline import _as_rng
         th = _thetas(num_images, thetas)
         key = _as_rng(rng)
+        (super_res_num_inference_steps,) = self._settings(super_res_num_inference_steps=super_res_num_inference_steps)
         if latents not in ("fixed", "inverted"):
             raise ValueError(f"latents must be 'fixed' (one random x_T per row) or 'inverted' (slerp between the "
                              f"inverted x_T of the two images), got {latents!r}")
@@ -425,10 +430,11 @@ class ManipulationsMixin:
         else:
             (z_a, text_a), (z_b, text_b) = [(e.image_embeddings, e.text) if isinstance(e, BipartiteLatent) else e
                                             for e in pair]
-            steps, top = num_inference_steps or 25, max_timestep
+            steps, scale = self._settings(decoder_num_inference_steps=num_inference_steps,
+                                          decoder_guidance_scale=decoder_guidance_scale)
+            top = max_timestep
             ddim.ddim_timesteps(steps, top)
             clip = self.stages.decoder_scheduler.clip_sample if clip_sample is None else clip_sample
-            scale = 8.0 if decoder_guidance_scale is None else decoder_guidance_scale
             guidance = float(scale) > 1.0
             ends = (z_a, z_b, text_a, text_b, None, None)
         z, text, x_t, k_decode = _interpolation_rows(self.stages, ends[0], ends[1], jnp.asarray(th), ends[2], ends[3],
@@ -457,9 +463,11 @@ class ManipulationsMixin:
         if latents != "fixed":
             raise ValueError("an interpolation between prompts has no inverted latents: use latents='fixed'")
         self._need("prior", "interpolation between prompts")
-        steps = num_inference_steps or 25
+        steps, decoder_scale, prior_guidance_scale, prior_num_inference_steps = self._settings(
+            decoder_num_inference_steps=num_inference_steps, decoder_guidance_scale=decoder_guidance_scale,
+            prior_guidance_scale=prior_guidance_scale, prior_num_inference_steps=prior_num_inference_steps)
         ddim.ddim_timesteps(steps, max_timestep)
-        decoder_scale = 8.0 if decoder_guidance_scale is None else float(decoder_guidance_scale)
+        decoder_scale = float(decoder_scale)
         guidance = prior_guidance_scale > 1.0 or decoder_scale > 1.0
         clip = self.stages.decoder_scheduler.clip_sample if clip_sample is None else clip_sample
         z, text, x_t, k_decode = _prompt_rows(self.stages, self.params, self.encode_prompt([start]),
@@ -473,7 +481,7 @@ class ManipulationsMixin:
     # ---------------------------------------------------------------------- section 3.3: text diffs
     def text_diff(self, image_or_latent, target: str | Sequence[str], *, base: str | Sequence[str] = "a photo",
                   max_theta: float = 0.5, num_images: int = 5, thetas=None, rng: Any = 0, eta: float = 0.0,
-                  clip_sample: bool = False, super_res_num_inference_steps: int = 7, output_type: str = "pil",
+                  clip_sample: bool = False, super_res_num_inference_steps: int | None = None, output_type: str = "pil",
                   return_dict: bool = True, **invert_kwargs):
         """Language-guided edits (paper section 3.3, figure 5): per image, a row decoded from
         slerp(z_i, z_d, theta), z_d = normalise(z_t(target) - z_t(base)), theta evenly from 0 (the
@@ -486,6 +494,7 @@ class ManipulationsMixin:
         from unclip_jax.pipeline import _as_rng
         th = _thetas(num_images, thetas, _check_theta(max_theta, "max_theta"))
         latent = self._latent(image_or_latent, "text_diff", **invert_kwargs)
+        (super_res_num_inference_steps,) = self._settings(super_res_num_inference_steps=super_res_num_inference_steps)
         b = latent.batch_size
         target_embeds = self.encode_prompt(_texts(target, b, "target")).embeds
         base_embeds = self.encode_prompt(_texts(base, b, "base")).embeds
@@ -498,12 +507,20 @@ class ManipulationsMixin:
 
     # ------------------------------------------------------------------- section 2.2: best-of-N prior
     def sample_best_of_n(self, prompt: str | Sequence[str], *, n: int = 2, num_images_per_prompt: int = 1,
-                         rng: Any = None, prior_num_inference_steps: int = 25, decoder_num_inference_steps: int = 25,
-                         super_res_num_inference_steps: int = 7, prior_guidance_scale: float = 4.0,
-                         decoder_guidance_scale: float = 8.0, output_type: str = "pil", return_dict: bool = True):
+                         rng: Any = None, prior_num_inference_steps: int | None = None,
+                         decoder_num_inference_steps: int | None = None,
+                         super_res_num_inference_steps: int | None = None, prior_guidance_scale: float | None = None,
+                         decoder_guidance_scale: float | None = None, output_type: str = "pil",
+                         return_dict: bool = True):
         """Text-to-image with the paper's best-of-N prior: n image embeddings per image, the one with the
-        highest dot product with the text embedding (on unit vectors) decoded. n = 1 is plain sampling."""
+        highest dot product with the text embedding (on unit vectors) decoded. n = 1 is plain sampling.
+        Steps and guidance scales left at None take the model's settings, else Karlo's (as `__call__`)."""
         from unclip_jax.pipeline import _as_rng, _check_steps
+        (prior_num_inference_steps, decoder_num_inference_steps, super_res_num_inference_steps, prior_guidance_scale,
+         decoder_guidance_scale) = self._settings(
+            prior_num_inference_steps=prior_num_inference_steps, decoder_num_inference_steps=decoder_num_inference_steps,
+            super_res_num_inference_steps=super_res_num_inference_steps, prior_guidance_scale=prior_guidance_scale,
+            decoder_guidance_scale=decoder_guidance_scale)
         n = _positive_int(n, "n (the number of prior samples per image)")
         k = _positive_int(num_images_per_prompt, "num_images_per_prompt")
         _check_steps(prior_num_inference_steps=prior_num_inference_steps,
@@ -528,9 +545,10 @@ class ManipulationsMixin:
 
     # -------------------------------------------------------------------------------- inpainting
     def inpaint(self, image, mask, *, prompt: str | Sequence[str] | None = None, image_embeddings=None,
-                num_images_per_image: int = 1, rng: Any = None, num_inference_steps: int = 25, resample: int = 5,
-                decoder_guidance_scale: float = 8.0, prior_guidance_scale: float = 4.0,
-                prior_num_inference_steps: int = 25, best_of: int = 1, super_res_num_inference_steps: int = 7,
+                num_images_per_image: int = 1, rng: Any = None, num_inference_steps: int | None = None,
+                resample: int = 5, decoder_guidance_scale: float | None = None,
+                prior_guidance_scale: float | None = None, prior_num_inference_steps: int | None = None,
+                best_of: int = 1, super_res_num_inference_steps: int | None = None,
                 keep_known_pixels: bool = True, output_type: str = "pil", return_dict: bool = True):
         """Regenerates the masked region of an image consistently with the rest and with a prompt or an
         image embedding: RePaint-style resampling in the decoder (each of the `num_inference_steps`
@@ -543,8 +561,15 @@ class ManipulationsMixin:
         `best_of` samples); else the image's own CLIP embedding. The decoder's text is the prompt (or "").
         keep_known_pixels: paste the kept pixels in at every super-res step too (so they stay the input's
         at full size) rather than letting super-res redraw them from the 64x64 stage.
+        Steps and guidance scales left at None take the model's settings, else Karlo's (25 steps, guidance 8;
+        prior 25 steps at guidance 4; super-res 7 steps).
         """
         from unclip_jax.pipeline import _as_rng, _check_steps
+        (num_inference_steps, decoder_guidance_scale, prior_guidance_scale, prior_num_inference_steps,
+         super_res_num_inference_steps) = self._settings(
+            decoder_num_inference_steps=num_inference_steps, decoder_guidance_scale=decoder_guidance_scale,
+            prior_guidance_scale=prior_guidance_scale, prior_num_inference_steps=prior_num_inference_steps,
+            super_res_num_inference_steps=super_res_num_inference_steps)
         _check_steps(num_inference_steps=num_inference_steps,
                      super_res_num_inference_steps=super_res_num_inference_steps)
         resample = _positive_int(resample, "resample")

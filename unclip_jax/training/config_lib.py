@@ -58,6 +58,8 @@ def common(stage: str) -> ml_collections.ConfigDict:
     c.logit_scale_init = 2.6592         # clip: log(1 / 0.07), CLIP's initial temperature (capped at 100)
     c.image_embed_drop = 0.1            # decoder: CLIP image embedding -> learned null embedding
     c.vb_weight = 0.001                 # decoder: hybrid loss L_simple + vb_weight * L_vlb (Improved DDPM)
+    c.prediction_type = "epsilon"       # decoder: epsilon (Karlo's) | sample (x0: the MSE weighs every noise level
+                                        # alike, so small models learn the colours and layout the embedding gives)
     c.dropout = ml_collections.FieldReference(None, field_type=float)  # override the model's dropout
     c.clip_stats = "auto"               # prior: auto | data | keep: where clip_mean / clip_std come from
     c.clip_stats_batches = 8            # batches averaged when estimating them from data
@@ -128,6 +130,10 @@ def check(c: ml_collections.ConfigDict) -> None:
     need(c.on_nonfinite in ("skip", "stop"), f"on_nonfinite={c.on_nonfinite!r}; expected skip or stop")
     need(c.compute_dtype in ("bfloat16", "float32", "float16"), f"compute_dtype={c.compute_dtype!r}")
     need(c.degradation in ("blur", "bsr", "none"), f"degradation={c.degradation!r}; expected blur, bsr or none")
+    need(c.prediction_type in ("epsilon", "sample"), f"prediction_type={c.prediction_type!r}; expected epsilon "
+         "(the model predicts the noise) or sample (it predicts x0)")
+    need(c.prediction_type == "epsilon" or c.stage == "decoder", f"prediction_type={c.prediction_type!r} is a "
+         f"decoder setting; the {c.stage} stage's objective is fixed (prior: x0, upsamplers: the noise)")
     need(c.clip_stats in ("auto", "data", "keep"), f"clip_stats={c.clip_stats!r}; expected auto, data or keep")
     need(set(c.mesh.keys()) <= {"data", "fsdp", "tensor"}, f"mesh has axes {sorted(c.mesh.keys())}; expected "
          "data, fsdp and tensor")

@@ -36,12 +36,14 @@ class LossConfig:
     vb_weight: float = 0.001
     upsample_factor: int = 4
     degradation: str = "blur"
+    prediction_type: str = "epsilon"   # decoder: what the model's first channels predict (the MSE's target)
 
     @classmethod
     def from_config(cls, config) -> "LossConfig":
         return cls(num_train_timesteps=config.num_train_timesteps, text_drop=float(config.text_drop),
                    image_embed_drop=float(config.image_embed_drop), vb_weight=float(config.vb_weight),
-                   upsample_factor=int(config.upsample_factor), degradation=config.degradation)
+                   upsample_factor=int(config.upsample_factor), degradation=config.degradation,
+                   prediction_type=str(config.get("prediction_type", "epsilon")))
 
 
 def _noised(sched: sch.SchedulerState, cfg: LossConfig, key, x0):
@@ -85,7 +87,8 @@ def prior_loss(prior, params: Params, text: TextConditioning, image_embeds, key,
 
 def decoder_loss(decoder, text_proj, params: Params, images, image_embeds, text: TextConditioning, key, *, sched,
                  cfg: LossConfig, null_text: TextConditioning):
-    """L_hybrid = ||eps - eps_theta||^2 + vb_weight * L_vlb (Nichol & Dhariwal 2021, 3.1), paper 2.1's decoder.
+    """L_hybrid = ||eps - eps_theta||^2 + vb_weight * L_vlb (Nichol & Dhariwal 2021, 3.1), paper 2.1's decoder;
+    with cfg.prediction_type "sample" the MSE is ||x0 - x0_theta||^2 (the model predicts x0; L_vlb alike).
 
     params: {"decoder": ..., "text_proj": ...}; images (B, S, S, 3) in [-1, 1]; image_embeds (B, D).
     The CLIP image embedding becomes text_proj's learned null embedding with probability image_embed_drop,
@@ -109,9 +112,13 @@ def decoder_loss(decoder, text_proj, params: Params, images, image_embeds, text:
                         class_labels=class_labels, attention_mask=mask, deterministic=False,
                         rngs={"dropout": k_dropout}).astype(jnp.float32)
     c = x0.shape[-1]
-    eps, v = out[..., :c], out[..., c:]
-    mse = jnp.mean((eps - noise) ** 2)
-    vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, eps, v))
+    pred, v = out[..., :c], out[..., c:]
+    if cfg.prediction_type == "sample":
+        mse = jnp.mean((pred - x0) ** 2)
+        vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, None, v, x0_pred=pred))
+    else:
+        mse = jnp.mean((pred - noise) ** 2)
+        vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, pred, v))
     return mse + cfg.vb_weight * vb, {"mse": mse, "vb": vb}
 
 

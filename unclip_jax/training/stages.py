@@ -13,6 +13,7 @@ and lives outside the trained parameters, in `frozen` with the empty prompt's en
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -155,9 +156,13 @@ def build_stage(config) -> Stage:
 
     base = {"prior": sch.PRIOR, "decoder": sch.DECODER}.get(config.stage, sch.SUPER_RES)
     scheduler = dataclasses.replace(base, num_train_timesteps=int(config.num_train_timesteps))
+    if config.stage == "decoder":
+        scheduler = dataclasses.replace(scheduler, prediction_type=config.get("prediction_type", "epsilon"))
     extra = None
     if config.stage == "clip":
         extra = lambda path: export_clip_extras(path, config.tokenizer, modules["image_encoder"].config.image_size)
+    elif config.stage == "decoder":   # the sampler must know what the model predicts
+        extra = lambda path: [write_scheduler(Path(path) / "decoder_scheduler", scheduler)]
     return Stage(config.stage, modules, text_encoder, scheduler, LossConfig.from_config(config),
                  remat_prior=bool(config.remat) and config.stage == "prior", export_extra=extra,
                  logit_scale_init=float(config.logit_scale_init))
@@ -165,6 +170,15 @@ def build_stage(config) -> Stage:
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's pixel statistics (CLIPImageProcessor's default)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def write_scheduler(folder: Path, config: sch.SchedulerConfig) -> Path:
+    """folder/scheduler_config.json: diffusers' UnCLIPScheduler with `config`'s settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "scheduler_config.json"
+    d = {"_class_name": "UnCLIPScheduler", "_diffusers_version": "0.35.0", **config.to_diffusers()}
+    path.write_text(json.dumps(d, indent=2) + "\n")
+    return path
 
 
 def export_clip_extras(path: Path, tokenizer: str | None, image_size: int) -> list:
