@@ -4,8 +4,9 @@ whatever an earlier run left in the workdir:
 
     python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo            # about 10 minutes on an H100
 
-On a 2-core CPU the data, tokenizer, CLIP, embedding and prior take about 30 minutes, but the decoder's 5000 x 32
-steps take about 7 hours (0.2-0.6 steps/s at batch 16 measured there; BENCHMARKS.md).
+On a 2-core CPU the decoder's 5000 x 16 steps take about an hour (1.3-1.5 steps/s, 12.7 GFLOP per step) and the
+whole recipe two to three hours (BENCHMARKS.md). The shipped weights: CLIP, prior and upsampler from a run of
+this recipe on an H100, the decoder from this config on the 2-core CPU.
 
 It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
 with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
@@ -18,9 +19,11 @@ with the new CLIP between the clip and prior stages, assembles the diffusers fol
 
 Architectures: Karlo's, small. CLIP: a 2-layer text transformer and a 3-layer ViT (32 px, 4 px patches), width
 and embedding 64. Prior: a 4-layer PriorTransformer over 64-d CLIP embeddings. Decoder: a 32x32
-UNet2DConditionModel with added-KV attention at 16 and 8 px, plus text_proj. Upsampler: an attention-free
-UNet2DModel, 32 -> 64 (2x, blur degradation), trained on 32 px crops as Karlo's on 64 px crops of 256. `smoke` (e.g. configs/demo.py:decoder,smoke) cuts every stage to
-a few steps and small batches, for tests and the training notebook.
+UNet2DConditionModel (channels 16, 32, 64) with added-KV attention at 16 and 8 px, plus text_proj; it predicts
+x0 (prediction_type "sample", below), not the noise. Upsampler: an attention-free
+UNet2DModel, 32 -> 64 (2x, blur degradation), trained on 32 px crops as Karlo's on 64 px crops of 256.
+`smoke` (e.g. configs/demo.py:decoder,smoke) cuts every stage to a few steps and small batches, for tests and
+the training notebook.
 """
 
 from unclip_jax.training import config_lib
@@ -57,7 +60,8 @@ SUPER_RES = dict(_class_name="UNet2DModel", sample_size=IMAGE_SIZE, in_channels=
                  mid_block_type="UNetMidBlock2D", add_attention=False, attention_head_dim=None, norm_num_groups=16,
                  resnet_time_scale_shift="scale_shift")
 
-# Steps and batches: what fits the hour on 2 CPU cores.
+# Steps and batches. The decoder's fit about an hour on 2 CPU cores (its channels were halved from 32, 64, 64 for
+# that: 2.3x the examples per second there).
 SCHEDULE = {  # stage: (total_steps, batch_size, learning_rate, warmup)
     "clip": (1200, 128, 2e-3, 100),
     "prior": (2000, 128, 1e-3, 100),

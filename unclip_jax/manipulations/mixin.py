@@ -364,7 +364,8 @@ class ManipulationsMixin:
                     prior_guidance_scale: float | None = None, num_inference_steps: int | None = None,
                     prior_num_inference_steps: int | None = None, guidance_scale: float = 1.0,
                     max_timestep: int = DEFAULT_MAX_TIMESTEP, clip_sample: bool | None = None,
-                    super_res_num_inference_steps: int | None = None, output_type: str = "pil", return_dict: bool = True):
+                    super_res_num_inference_steps: int | None = None, output_type: str = "pil",
+                    return_dict: bool = True):
         """A row of images between two images (paper section 3.2, figure 4), or between two prompts.
 
         start, end: two images (PIL or arrays, of one size), two BipartiteLatents (one image each), or
@@ -518,7 +519,8 @@ class ManipulationsMixin:
         from unclip_jax.pipeline import _as_rng, _check_steps
         (prior_num_inference_steps, decoder_num_inference_steps, super_res_num_inference_steps, prior_guidance_scale,
          decoder_guidance_scale) = self._settings(
-            prior_num_inference_steps=prior_num_inference_steps, decoder_num_inference_steps=decoder_num_inference_steps,
+            prior_num_inference_steps=prior_num_inference_steps,
+            decoder_num_inference_steps=decoder_num_inference_steps,
             super_res_num_inference_steps=super_res_num_inference_steps, prior_guidance_scale=prior_guidance_scale,
             decoder_guidance_scale=decoder_guidance_scale)
         n = _positive_int(n, "n (the number of prior samples per image)")
