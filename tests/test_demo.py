@@ -372,10 +372,11 @@ def test_super_res_can_start_from_the_noised_upsampled_image(tiny_folder):
 
 def test_assemble_takes_the_decoder_scheduler_the_decoder_stage_exported(tmp_path):
     """The decoder stage exports decoder_scheduler/ (what its model predicts); assemble uses it, else Karlo's."""
+    import dataclasses
+
     from unclip_jax.demo import recipe
     from unclip_jax.diffusion import scheduler as sch
     from unclip_jax.training.stages import write_scheduler
-    import dataclasses
     for part in ("clip/export/text_encoder", "clip/export/image_encoder", "clip/export/tokenizer",
                  "clip/export/feature_extractor", "prior/export/prior", "decoder/export/decoder",
                  "decoder/export/text_proj", "upsampler/export/super_res_first"):

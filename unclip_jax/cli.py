@@ -41,11 +41,8 @@ _FLAGS = dict(prior_num_inference_steps="prior_steps", decoder_num_inference_ste
 
 def sampling_settings(args, pipe, names) -> dict:
     """Each setting from its flag when given, else the model's sampling_defaults, else Karlo's."""
-    out = {}
-    for name in names:
-        flag = getattr(args, _FLAGS[name], None)
-        out[name] = flag if flag is not None else pipe.sampling_defaults.get(name, KARLO_SETTINGS[name])
-    return out
+    names = tuple(names)
+    return dict(zip(names, pipe._settings(**{name: getattr(args, _FLAGS[name], None) for name in names})))
 
 
 def _report(out, seconds: float, paths) -> None:

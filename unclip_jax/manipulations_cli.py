@@ -172,14 +172,14 @@ def run(args, error=None) -> int:
     from unclip_jax.images import save_images
     cmd = args.command
     t0 = None
-    def common_kwargs(pipe) -> dict:  # None: the pipeline takes the model's setting, else Karlo's
-        return dict(rng=args.seed, super_res_num_inference_steps=args.super_res_steps, output_type="np")
+    # super-res steps None: the pipeline takes the model's setting, else Karlo's
+    common = dict(rng=args.seed, super_res_num_inference_steps=args.super_res_steps, output_type="np")
     if cmd == "invert":
         pipe = _pipeline(args, wants_prior=False)
         pics = [_read(error, p) for p in args.image]
         t0 = time.perf_counter()
         latent = pipe.invert(pics, **_invert_kwargs(args))
-        out = pipe.reconstruct(latent, **common_kwargs(pipe))
+        out = pipe.reconstruct(latent, **common)
         size = out.images.shape[1]
         error_64 = np.abs(out.decoder_output - (np.asarray(pipe.decoder_pixels(pics)) * 0.5 + 0.5)).mean()
         print(f"mean |reconstruction - input| at the decoder's size: {error_64:.4f} (pixel values in [0, 1])")
@@ -193,7 +193,7 @@ def run(args, error=None) -> int:
         source, kw = _source(args, pipe, error)
         etas = args.eta or [0.0, 0.5, 1.0]
         t0 = time.perf_counter()
-        out = pipe.vary_ddim(source, eta=etas, num_images_per_eta=args.num_images, **common_kwargs(pipe), **kw)
+        out = pipe.vary_ddim(source, eta=etas, num_images_per_eta=args.num_images, **common, **kw)
         images, cols = out.images, args.num_images
     elif cmd == "interpolate":
         ends = args.prompt or args.image
@@ -207,14 +207,14 @@ def run(args, error=None) -> int:
                                caption=args.caption, decoder_guidance_scale=args.guidance,
                                prior_guidance_scale=args.prior_guidance, num_inference_steps=args.steps,
                                prior_num_inference_steps=args.prior_steps, guidance_scale=args.inversion_guidance,
-                               max_timestep=args.max_timestep, **common_kwargs(pipe))
+                               max_timestep=args.max_timestep, **common)
         images, cols = out.images, args.num_images
     elif cmd == "textdiff":
         pipe = _pipeline(args, wants_prior=False)
         source, kw = _source(args, pipe, error)
         t0 = time.perf_counter()
         out = pipe.text_diff(source, args.target, base=args.base, max_theta=args.max_theta,
-                             num_images=args.num_images, **common_kwargs(pipe), **kw)
+                             num_images=args.num_images, **common, **kw)
         images, cols = out.images, args.num_images
     elif cmd == "inpaint":
         pipe = _pipeline(args, wants_prior=bool(args.prompt))
@@ -223,7 +223,7 @@ def run(args, error=None) -> int:
         out = pipe.inpaint(pic, mask, prompt=args.prompt, num_images_per_image=args.num_images,
                            num_inference_steps=args.steps, resample=args.resample,
                            decoder_guidance_scale=args.guidance, prior_guidance_scale=args.prior_guidance,
-                           prior_num_inference_steps=args.prior_steps, best_of=args.best_of, **common_kwargs(pipe))
+                           prior_num_inference_steps=args.prior_steps, best_of=args.best_of, **common)
         size = out.images.shape[1]
         shown = _shown(pic, size)
         from unclip_jax.manipulations.mixin import binary_mask, _mask_pixels

@@ -15,12 +15,12 @@ import logging
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pathlib import Path
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unclip_jax import sampling
@@ -132,8 +132,7 @@ SETTINGS_FILE = "unclip_jax.json"
 # unclip_jax.json gives its own value (pipe.sampling_defaults).
 KARLO_SETTINGS = dict(prior_num_inference_steps=25, decoder_num_inference_steps=25, super_res_num_inference_steps=7,
                       prior_guidance_scale=4.0, decoder_guidance_scale=8.0)
-SAMPLING_DEFAULTS = ("prior_num_inference_steps", "decoder_num_inference_steps", "super_res_num_inference_steps",
-                     "prior_guidance_scale", "decoder_guidance_scale")
+SAMPLING_DEFAULTS = tuple(KARLO_SETTINGS)   # the settings a model's unclip_jax.json may give
 
 
 def read_settings(root: Path) -> dict:

@@ -43,7 +43,7 @@ class LossConfig:
         return cls(num_train_timesteps=config.num_train_timesteps, text_drop=float(config.text_drop),
                    image_embed_drop=float(config.image_embed_drop), vb_weight=float(config.vb_weight),
                    upsample_factor=int(config.upsample_factor), degradation=config.degradation,
-                   prediction_type=str(config.get("prediction_type", "epsilon")))
+                   prediction_type=str(config.prediction_type))
 
 
 def _noised(sched: sch.SchedulerState, cfg: LossConfig, key, x0):

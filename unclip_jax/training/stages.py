@@ -157,7 +157,7 @@ def build_stage(config) -> Stage:
     base = {"prior": sch.PRIOR, "decoder": sch.DECODER}.get(config.stage, sch.SUPER_RES)
     scheduler = dataclasses.replace(base, num_train_timesteps=int(config.num_train_timesteps))
     if config.stage == "decoder":
-        scheduler = dataclasses.replace(scheduler, prediction_type=config.get("prediction_type", "epsilon"))
+        scheduler = dataclasses.replace(scheduler, prediction_type=config.prediction_type)
     extra = None
     if config.stage == "clip":
         extra = lambda path: export_clip_extras(path, config.tokenizer, modules["image_encoder"].config.image_size)
