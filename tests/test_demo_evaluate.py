@@ -220,28 +220,33 @@ def tiny(tmp_path_factory):
 def test_evaluate_end_to_end(tiny, tmp_path, capsys):
     settings = dict(num_heldin=4, num_heldout=4, num_two_shape=2, batch_size=3, prior_steps=2, decoder_steps=2,
                     super_res_steps=2)
-    report = ev.evaluate(str(tiny[1]), **settings, out=tmp_path / "eval")
+    report = ev.evaluate(str(tiny[1]), **settings, decoder_only=True, out=tmp_path / "eval")
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == json.loads(json.dumps(report))
     size = 2 * tiny_unclip.SIZE  # the tiny stack's super-res output
     for group, n, cols in (("heldin", 4, 2), ("heldout", 4, 2), ("two_shape", 2, 2)):
-        with Image.open(tmp_path / "eval" / f"{group}_grid.png") as grid:
-            assert grid.size == (cols * size + (cols + 1) * 2, -(-n // cols) * size + (-(-n // cols) + 1) * 2)
+        for name in (f"{group}_grid.png", f"{group}_decoded_grid.png"):
+            with Image.open(tmp_path / "eval" / name) as grid:
+                assert grid.size == (cols * size + (cols + 1) * 2, -(-n // cols) * size + (-(-n // cols) + 1) * 2)
         r = report["groups"][group]
         assert r["count"] == n
+        assert list(r["pixel"]) == list(r["r_precision"]) == ["generated", "decoded", "real"]
+        assert list(r["frechet"]) == ["generated_vs_real", "decoded_vs_real", "real_vs_real"]
         # real renders: the pixel checks read them all right; the random model's images are scored, not judged
         assert all(v == 1.0 for v in r["pixel"]["real"].values() if v is not None)
-        assert all(v is None or 0 <= v <= 1 for v in r["pixel"]["generated"].values())
+        assert all(v is None or 0 <= v <= 1 for kind in ("generated", "decoded") for v in r["pixel"][kind].values())
         assert all(0 <= v <= 1 for v in r["r_precision"].values())
         assert all(v >= 0 for v in r["frechet"].values())
     captions = [shapes.caption(s) for g, n in (("heldin", 4), ("heldout", 4), ("two_shape", 2))
                 for s in ev.eval_scenes(g, n)]
     assert [s["caption"] for s in report["samples"]] == captions
+    assert all(set(s["decoded_check"]) == set(s["check"]) for s in report["samples"])
     assert report["settings"]["k"] == len(set(captions)) and report["settings"]["image_size"] == size
     assert all(len(ev.eval_scenes("two_shape", 2)[i].shapes) == 2 for i in range(2))
     assert all(shapes.is_held_out(s) for s in ev.eval_scenes("heldout", 4))
     assert not any(shapes.is_held_out(s) or len(s.shapes) > 1 for s in ev.eval_scenes("heldin", 20))
     printed = capsys.readouterr()
     assert "heldout" in printed.out and "R-prec" in printed.out and "generating" in printed.err
+    assert "decoded" in printed.out and "decoding" in printed.err
 
 
 def test_evaluate_errors(tiny, tmp_path):

@@ -231,6 +231,76 @@ def test_decoder_loss_targets_what_the_model_predicts(prediction_type):
     assert loss(other, prediction_type)["mse"] > 0.1
 
 
+def test_clipped_snr_weighting_weighs_the_x0_error_alike_for_both_prediction_types():
+    """loss_weighting="clipped_snr": a decoder whose x0 estimate is off by delta_i (per example) has the weighted
+    MSE mean_i(delta_i^2 clip(SNR_t_i, 1, gamma)), whether it predicts x0 or the equivalent noise; "none" gives
+    the plain MSE of the prediction type instead (delta^2, or SNR delta^2 for the noise)."""
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax.diffusion import scheduler as sch
+    from unclip_jax.sampling import TextConditioning
+    from unclip_jax.training import losses
+
+    rng = np.random.default_rng(1)
+    b, size, d, length, gamma = 16, 4, 4, 3, 5.0
+    x0 = jnp.asarray(rng.uniform(-1, 1, (b, size, size, 3)), jnp.float32)
+    delta = jnp.asarray(rng.uniform(0.05, 0.2, (b, 1, 1, 1)), jnp.float32)
+    sched = sch.create_state(sch.DECODER)
+    text = TextConditioning(jnp.ones((b, d)), jnp.ones((b, length, d)), jnp.ones((b, length), bool))
+    params = {"decoder": {}, "text_proj": {"learned_classifier_free_guidance_embeddings": jnp.zeros((d,))}}
+    text_proj = _Stub(lambda z, embeds, hidden, guidance: (jnp.zeros((b, length + 2, d)), jnp.zeros((b, d))))
+    seen = []
+
+    def model(kind):
+        def fn(x_t, t):
+            seen.append(np.asarray(t))
+            abar = sch.alpha_bar(sched, t)[:, None, None, None]
+            wrong = x0 + delta
+            pred = wrong if kind == "sample" else (x_t - jnp.sqrt(abar) * wrong) / jnp.sqrt(1 - abar)
+            return jnp.concatenate([pred, -jnp.ones_like(x_t)], axis=-1)
+        return _Stub(fn)
+
+    def parts(kind, weighting):
+        cfg = losses.LossConfig(text_drop=0.0, image_embed_drop=0.0, prediction_type=kind, loss_weighting=weighting,
+                                snr_gamma=gamma)
+        _, out = losses.decoder_loss(model(kind), text_proj, params, x0, jnp.ones((b, d)), text, jax.random.key(5),
+                                     sched=sched, cfg=cfg, null_text=text)
+        return {k: float(v) for k, v in out.items()}
+
+    x0_loss = parts("sample", "clipped_snr")
+    eps_loss = parts("epsilon", "clipped_snr")
+    t = seen[-1]
+    abar = np.asarray(sched.alphas_cumprod, np.float64)[t]
+    snr = abar / (1 - abar)
+    assert snr.min() < 1 < gamma < snr.max()                     # the draw exercises both ends of the clip
+    d2 = np.asarray(delta, np.float64).ravel() ** 2
+    expected = np.mean(d2 * np.clip(snr, 1, gamma))
+    np.testing.assert_allclose(x0_loss["weighted_mse"], expected, rtol=1e-4)
+    np.testing.assert_allclose(eps_loss["weighted_mse"], expected, rtol=1e-3)
+    np.testing.assert_allclose(x0_loss["mse"], np.mean(d2), rtol=1e-4)
+    np.testing.assert_allclose(eps_loss["mse"], np.mean(d2 * snr), rtol=1e-3)
+    plain = parts("sample", "none")
+    assert "weighted_mse" not in plain and abs(plain["mse"] - x0_loss["mse"]) < 1e-7
+
+
+def test_config_checks_the_loss_weighting():
+    from unclip_jax.training import config_lib
+    c = tiny_config("decoder")
+    c.loss_weighting = "min_snr"
+    with pytest.raises(ValueError, match="loss_weighting='min_snr'; expected none or clipped_snr"):
+        config_lib.check(c)
+    c.loss_weighting, c.snr_gamma = "clipped_snr", 0.5
+    with pytest.raises(ValueError, match="snr_gamma=0.5; expected >= 1"):
+        config_lib.check(c)
+    c.snr_gamma = 5.0
+    config_lib.check(c)
+    p = tiny_config("prior")
+    p.loss_weighting = "clipped_snr"
+    with pytest.raises(ValueError, match="is a decoder setting"):
+        config_lib.check(p)
+
+
 # ------------------------------------------------------------------------------------ subprocess side
 
 

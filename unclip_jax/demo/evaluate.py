@@ -12,6 +12,11 @@
 3. Frechet distance between the CLIP image embeddings of the generated images and of real renders of the same
    scenes, next to the distance between two disjoint sets of real renders (the noise floor at that sample size).
 
+With decoder_only=True (`--decoder-only`) every measure is also taken of images decoded straight from the real
+renders' CLIP image embeddings ("decoded": the prior skipped, the empty prompt, as image variations are made), so
+a model's errors can be told apart: what the decoded images get wrong, the decoder (or the CLIP embedding) does;
+what only the generated ones get wrong, the prior does.
+
 Scenes come in three groups: `heldin` (one shape, training (colour, shape) pairs, drawn from the `test` split's
 seeds), `heldout` (the `heldout` split: one shape of a pair never trained on) and `two_shape` (two shapes of
 training pairs), each scored separately.
@@ -318,6 +323,23 @@ def generate(pipe, captions: list[str], *, batch_size: int, seed: int = 0, progr
     return np.concatenate(out)
 
 
+def decode(pipe, image_embeddings: np.ndarray, *, batch_size: int, seed: int = 0, progress: bool = True,
+           **kwargs) -> np.ndarray:
+    """Images (N, H, W, 3) float in [0, 1] decoded from CLIP image embeddings (N, D) by an image-variation
+    pipeline, batched and keyed as `generate` does. kwargs: the pipeline's decoder and super-res arguments."""
+    import jax
+    from tqdm.auto import tqdm
+    key, out = jax.random.key(seed), []
+    with tqdm(total=len(image_embeddings), unit="img", desc="decoding", disable=not progress) as bar:
+        for b, lo in enumerate(range(0, len(image_embeddings), batch_size)):
+            chunk = image_embeddings[lo:lo + batch_size]
+            images = pipe(image_embeddings=_pad(chunk, batch_size), rng=jax.random.fold_in(key, b), output_type="np",
+                          **kwargs).images
+            out.append(images[:len(chunk)])
+            bar.update(len(chunk))
+    return np.concatenate(out)
+
+
 INT_SETTINGS = ("num_heldin", "num_heldout", "num_two_shape", "seed", "batch_size", "prior_steps", "decoder_steps",
                 "super_res_steps", "k")
 
@@ -340,12 +362,14 @@ def check_settings(*, num_heldin: int, num_heldout: int, num_two_shape: int, see
 def evaluate(model: str = "demo", *, num_heldin: int = 64, num_heldout: int = 32, num_two_shape: int = 16,
              seed: int = 0, batch_size: int = 16, prior_steps: int = 25, decoder_steps: int = 16,
              super_res_steps: int = 4, prior_guidance: float = 4.0, decoder_guidance: float = 3.0, k: int = 32,
-             out: str | Path | None = None, progress: bool = True) -> dict:
+             decoder_only: bool = False, out: str | Path | None = None, progress: bool = True) -> dict:
     """Generates one image per evaluation scene's caption with `model` (a diffusers unCLIP folder with the CLIP
     image tower, "demo" by default) and scores the images; returns the report (see the module doc).
 
     Per group: pixel-check accuracies ("pixel"), R-precision ("r_precision", k rivals) and the Frechet distance
     ("frechet"), each for the generated images and, as the reference, for real renders of the same scenes;
+    decoder_only: also for images decoded from the real renders' CLIP image embeddings ("decoded"; see the module
+    doc), with the same decoder settings;
     "samples": per generated image its caption, what the pixel analysis saw and its checks. out: a folder for
     report.json and <group>_grid.png (the generated images in caption order, row by row); progress: a progress
     bar while generating and the table printed at the end.
@@ -375,18 +399,28 @@ def evaluate(model: str = "demo", *, num_heldin: int = 64, num_heldout: int = 32
     t2 = time.perf_counter()
 
     size = generated.shape[1]
-    fake = [as_uint8(im) for im in generated]
     real = [shapes.render(s, size) for s in scene_list]
     clip = ClipSpace(towers)
+    images = {"generated": [as_uint8(im) for im in generated]}
+    embeds = {"generated": clip.images(images["generated"])}
+    real_embeds = clip.images(real)
+    if decoder_only:
+        variations = unclip_jax.UnCLIPImageVariationPipeline.from_pretrained(root)
+        decoded = decode(variations, real_embeds, batch_size=batch_size, seed=seed, progress=progress,
+                         decoder_num_inference_steps=decoder_steps, super_res_num_inference_steps=super_res_steps,
+                         decoder_guidance_scale=decoder_guidance)
+        images["decoded"] = [as_uint8(im) for im in decoded]
+        embeds["decoded"] = clip.images(images["decoded"])
+    t3 = time.perf_counter()
+    images["real"], embeds["real"] = real, real_embeds
     pool = sorted(set(captions))
     row = {c: i for i, c in enumerate(pool)}
     targets = np.array([row[c] for c in captions])
     text = clip.texts(pool)
     k_used = min(k, len(pool))
-    embeds = {"generated": clip.images(fake), "real": clip.images(real)}
     hits = {kind: r_precision_hits(e, text, targets, k=k_used, seed=seed) if k_used >= 2 else None
             for kind, e in embeds.items()}
-    analyses = {"generated": [analyze(im) for im in fake], "real": [analyze(im) for im in real]}
+    analyses = {kind: [analyze(im) for im in ims] for kind, ims in images.items()}
     checks = {kind: [check(a, s) for a, s in zip(analyses[kind], scene_list)] for kind in analyses}
 
     groups, samples = {}, []
@@ -398,7 +432,8 @@ def evaluate(model: str = "demo", *, num_heldin: int = 64, num_heldout: int = 32
             "count": n,
             "pixel": {kind: pixel_rates(checks[kind][part]) for kind in checks},
             "r_precision": {kind: None if h is None else float(h[part].mean()) for kind, h in hits.items()},
-            "frechet": {"generated_vs_real": fd(embeds["generated"][part], embeds["real"][part]),
+            "frechet": {**{f"{kind}_vs_real": fd(embeds[kind][part], embeds["real"][part])
+                           for kind in embeds if kind != "real"},
                         "real_vs_real": fd(embeds["real"][part], reference)},
         }
         for i in range(part.start, part.stop):
@@ -406,14 +441,18 @@ def evaluate(model: str = "demo", *, num_heldin: int = 64, num_heldout: int = 32
                             "seen": shapes.caption(analyses["generated"][i].scene),
                             "check": checks["generated"][i],
                             "r_precision_hit": None if hits["generated"] is None else bool(hits["generated"][i])})
+            if decoder_only:
+                samples[-1].update(decoded_seen=shapes.caption(analyses["decoded"][i].scene),
+                                   decoded_check=checks["decoded"][i])
     report = {
         "model": str(model), "folder": str(root), "seed": seed,
         "settings": {"batch_size": batch_size, "prior_steps": prior_steps, "decoder_steps": decoder_steps,
                      "super_res_steps": super_res_steps, "prior_guidance": prior_guidance,
                      "decoder_guidance": decoder_guidance, "k": k_used, "image_size": size,
-                     "clip_dim": int(text.shape[1])},
+                     "clip_dim": int(text.shape[1]), "decoder_only": decoder_only},
         "groups": groups,
-        "seconds": {"load": t1 - t0, "generate": t2 - t1, "score": time.perf_counter() - t2},
+        "seconds": {"load": t1 - t0, "generate": t2 - t1, "decode": t3 - t2 if decoder_only else 0.0,
+                    "score": time.perf_counter() - t3},
         "samples": samples,
     }
     if out is not None:
@@ -423,10 +462,13 @@ def evaluate(model: str = "demo", *, num_heldin: int = 64, num_heldout: int = 32
         (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         for g, part in parts.items():
             grid(generated[part]).save(out / f"{g}_grid.png")
+            if decoder_only:
+                grid(decoded[part]).save(out / f"{g}_decoded_grid.png")
     if progress:
         print(format_table(report))
         if out is not None:
-            print(f"wrote {out / 'report.json'} and the grids ({', '.join(f'{g}_grid.png' for g in scenes)})")
+            names = [f"{g}{kind}_grid.png" for g in scenes for kind in ("", "_decoded")[:1 + decoder_only]]
+            print(f"wrote {out / 'report.json'} and the grids ({', '.join(names)})")
     return report
 
 
@@ -441,7 +483,8 @@ def format_table(report: dict) -> str:
     lines = [f"{'group':<10} {'images':<9} {'n':>4} " + " ".join(f"{c[:6]:>6}" for c in cols) +
              f" {'R-prec':>6} {'Frechet':>8}"]
     for g, r in report["groups"].items():
-        for kind, fd in (("generated", r["frechet"]["generated_vs_real"]), ("real", r["frechet"]["real_vs_real"])):
+        for kind in r["pixel"]:
+            fd = r["frechet"][f"{kind}_vs_real"]
             lines.append(f"{g if kind == 'generated' else '':<10} {kind:<9} {r['count']:>4} " +
                          " ".join(fmt(r["pixel"][kind][c], 6) for c in cols) +
                          f" {fmt(r['r_precision'][kind], 6)} {fmt(fd, 8)}")
@@ -450,6 +493,9 @@ def format_table(report: dict) -> str:
               f"scene right). R-prec: top-1 among k={s['k']} captions",
               f"by CLIP cosine. Frechet: CLIP image embeddings ({s['clip_dim']}-d) against real renders of the same "
               "captions; on the real rows, two disjoint sets of real renders."]
+    if s.get("decoder_only"):
+        lines.append("decoded: the real renders' CLIP image embeddings through the decoder alone (no prior, empty "
+                     "prompt).")
     return "\n".join(lines)
 
 
@@ -470,6 +516,9 @@ def add_subcommand(subparsers) -> None:
     for name in INT_SETTINGS + ("prior_guidance", "decoder_guidance"):
         p.add_argument(f"--{name.replace('_', '-')}", type=type(d[name]), default=d[name],
                        help=f"{helps.get(name, 'sampler steps')} (default {d[name]})")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="also score images decoded from the real renders' CLIP embeddings (no prior): tells the "
+                   "prior's errors from the decoder's")
     p.add_argument("--out", default="unclip_eval", help="folder for report.json and the grids")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache: later runs skip compiling")
@@ -488,7 +537,7 @@ def run(args, error) -> int:
         enable_compilation_cache(args.compilation_cache)
     try:
         evaluate(args.model, **settings, prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
-                 out=args.out)
+                 decoder_only=args.decoder_only, out=args.out)
     except CheckpointError as e:
         error(str(e))
     return 0

@@ -60,6 +60,9 @@ def common(stage: str) -> ml_collections.ConfigDict:
     c.vb_weight = 0.001                 # decoder: hybrid loss L_simple + vb_weight * L_vlb (Improved DDPM)
     c.prediction_type = "epsilon"       # decoder: epsilon (Karlo's) | sample (x0: the MSE weighs every noise level
                                         # alike, so small models learn the colours and layout the embedding gives)
+    c.loss_weighting = "none"           # decoder: none (the plain MSE of prediction_type) | clipped_snr (the x0
+    c.snr_gamma = 5.0                   # error weighted by clip(SNR_t, 1, snr_gamma): no high noise level below
+                                        # x0's weight, the low ones up to snr_gamma times it, where shapes' edges are)
     c.dropout = ml_collections.FieldReference(None, field_type=float)  # override the model's dropout
     c.clip_stats = "auto"               # prior: auto | data | keep: where clip_mean / clip_std come from
     c.clip_stats_batches = 8            # batches averaged when estimating them from data
@@ -134,6 +137,11 @@ def check(c: ml_collections.ConfigDict) -> None:
          "(the model predicts the noise) or sample (it predicts x0)")
     need(c.prediction_type == "epsilon" or c.stage == "decoder", f"prediction_type={c.prediction_type!r} is a "
          f"decoder setting; the {c.stage} stage's objective is fixed (prior: x0, upsamplers: the noise)")
+    need(c.loss_weighting in ("none", "clipped_snr"), f"loss_weighting={c.loss_weighting!r}; expected none or "
+         "clipped_snr")
+    need(c.loss_weighting == "none" or c.stage == "decoder", f"loss_weighting={c.loss_weighting!r} is a decoder "
+         f"setting; the {c.stage} stage's loss is the plain MSE")
+    need(c.snr_gamma >= 1, f"snr_gamma={c.snr_gamma}; expected >= 1 (the weights are clip(SNR, 1, snr_gamma))")
     need(c.clip_stats in ("auto", "data", "keep"), f"clip_stats={c.clip_stats!r}; expected auto, data or keep")
     need(set(c.mesh.keys()) <= {"data", "fsdp", "tensor"}, f"mesh has axes {sorted(c.mesh.keys())}; expected "
          "data, fsdp and tensor")
