@@ -4,10 +4,9 @@ whatever an earlier run left in the workdir:
 
     python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo            # about 10 minutes on an H100
 
-On a 2-core CPU the decoder's 5000 x 16 steps take about an hour (1.3-1.5 steps/s, 12.7 GFLOP per step), its
-tuning (decoder_tune, 3600 x 16 steps from the decoder's weights) 45 minutes more, and the whole recipe three
-to four hours (BENCHMARKS.md). The shipped weights: CLIP, prior and upsampler from a run of this recipe on an
-H100, the decoder and decoder_tune stages from these configs on the 2-core CPU.
+On a 2-core CPU the decoder's 5000 x 16 steps take about an hour (1.3-1.5 steps/s, 12.7 GFLOP per step) and the
+whole recipe two to three hours (BENCHMARKS.md). The shipped weights: CLIP, prior and upsampler from a run of
+this recipe on an H100, the decoder from this config on the 2-core CPU.
 
 It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
 with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
@@ -16,14 +15,12 @@ with the new CLIP between the clip and prior stages, assembles the diffusers fol
     python -m unclip_jax.train --config configs/demo.py:clip,root=/tmp/unclip_demo --workdir /tmp/unclip_demo/clip
     ...                         configs/demo.py:prior,root=...       --workdir /tmp/unclip_demo/prior
     ...                         configs/demo.py:decoder,root=...     --workdir /tmp/unclip_demo/decoder
-    ...                         configs/demo.py:decoder_tune,root=... --workdir /tmp/unclip_demo/decoder_tune
     ...                         configs/demo.py:upsampler,root=...   --workdir /tmp/unclip_demo/upsampler
 
 Architectures: Karlo's, small. CLIP: a 2-layer text transformer and a 3-layer ViT (32 px, 4 px patches), width
 and embedding 64. Prior: a 4-layer PriorTransformer over 64-d CLIP embeddings. Decoder: a 32x32
 UNet2DConditionModel (channels 16, 32, 64) with added-KV attention at 16 and 8 px, plus text_proj; it predicts
-x0 (prediction_type "sample", below), not the noise; decoder_tune trains it on with the x0 error weighted by
-clip(SNR, 1, 5) (loss_weighting "clipped_snr"), from the decoder stage's export. Upsampler: an attention-free
+x0 (prediction_type "sample", below), not the noise. Upsampler: an attention-free
 UNet2DModel, 32 -> 64 (2x, blur degradation), trained on 32 px crops as Karlo's on 64 px crops of 256.
 `smoke` (e.g. configs/demo.py:decoder,smoke) cuts every stage to a few steps and small batches, for tests and
 the training notebook.
@@ -69,7 +66,6 @@ SCHEDULE = {  # stage: (total_steps, batch_size, learning_rate, warmup)
     "clip": (1200, 128, 2e-3, 100),
     "prior": (2000, 128, 1e-3, 100),
     "decoder": (5000, 16, 1e-3, 100),
-    "decoder_tune": (3600, 16, 5e-4, 100),
     "upsampler": (1500, 16, 1e-3, 100),
 }
 
@@ -77,7 +73,7 @@ SCHEDULE = {  # stage: (total_steps, batch_size, learning_rate, warmup)
 def paths(root: str) -> dict:
     """Where the recipe puts each thing under its workdir."""
     return {"data": f"{root}/data", "tokenizer": f"{root}/tokenizer", "clip": f"{root}/clip/export",
-            "embeddings": f"{root}/data/embeddings", "model": f"{root}/model", "decoder_export": f"{root}/decoder/export"}
+            "embeddings": f"{root}/data/embeddings", "model": f"{root}/model"}
 
 
 def parse(arg: str) -> tuple[str, str, bool]:
@@ -100,7 +96,7 @@ def parse(arg: str) -> tuple[str, str, bool]:
 def get_config(arg: str = ""):
     stage, root, smoke = parse(arg)
     p = paths(root)
-    c = config_lib.common("decoder" if stage == "decoder_tune" else stage)
+    c = config_lib.common(stage)
     steps, batch, lr, warmup = SCHEDULE[stage]
     c.total_steps, c.batch_size, c.learning_rate, c.warmup_steps = steps, batch, lr, warmup
     c.lr_schedule = "cosine"
@@ -125,7 +121,7 @@ def get_config(arg: str = ""):
         c.model.prior = PRIOR
         c.text_encoder = p["clip"]
         c.text_drop = 0.1
-    elif stage in ("decoder", "decoder_tune"):
+    elif stage == "decoder":
         c.model.decoder = DECODER
         c.model.text_proj = TEXT_PROJ
         c.text_encoder = p["clip"]
@@ -137,14 +133,6 @@ def get_config(arg: str = ""):
         # for: its samples came out in colours the data does not have (background correct 0.44 after 2000
         # steps). diffusers' UnCLIPScheduler samples an x0 model as it is (prediction_type "sample").
         c.prediction_type = "sample"
-        if stage == "decoder_tune":
-            # The decoder stage's weights, trained on with the x0 error weighted by clip(SNR, 1, 5): the plain x0
-            # MSE hardly weighs the low noise levels, where the edges are decided, and the decoder drew every
-            # shape as a round blob (one-step x0 estimates from t = 300 had the right shape 0.69 of the time; 0.77
-            # after 400 steps of this, 0.69 after 400 more steps without it).
-            c.init_from = p["decoder_export"]
-            c.loss_weighting = "clipped_snr"
-            c.snr_gamma = 5.0
     else:  # upsampler: 32 px crops of the 64 px images from 16 px, blurred (Karlo's 64 -> 256 recipe at 2x)
         c.model.super_res_first = SUPER_RES
         c.upsample_factor = 2

@@ -370,9 +370,8 @@ def test_super_res_can_start_from_the_noised_upsampled_image(tiny_folder):
     assert dataclasses.replace(pipe.stages, super_res_start_timestep=0) != pipe.stages   # a different program
 
 
-def test_assemble_takes_the_tuned_decoder_and_the_scheduler_its_stage_exported(tmp_path):
-    """The decoder comes from the decoder_tune step (the decoder step's weights trained on), not the decoder step.
-    The stage exports decoder_scheduler/ (what its model predicts); assemble uses it, else Karlo's."""
+def test_assemble_takes_the_decoder_scheduler_the_decoder_stage_exported(tmp_path):
+    """The decoder stage exports decoder_scheduler/ (what its model predicts); assemble uses it, else Karlo's."""
     import dataclasses
 
     from unclip_jax.demo import recipe
@@ -380,40 +379,18 @@ def test_assemble_takes_the_tuned_decoder_and_the_scheduler_its_stage_exported(t
     from unclip_jax.training.stages import write_scheduler
     for part in ("clip/export/text_encoder", "clip/export/image_encoder", "clip/export/tokenizer",
                  "clip/export/feature_extractor", "prior/export/prior", "decoder/export/decoder",
-                 "decoder_tune/export/decoder", "decoder_tune/export/text_proj", "upsampler/export/super_res_first"):
+                 "decoder/export/text_proj", "upsampler/export/super_res_first"):
         (tmp_path / part).mkdir(parents=True)
-        (tmp_path / part / "config.json").write_text(json.dumps({"from": part}))
+        (tmp_path / part / "config.json").write_text("{}")
     read = lambda: json.loads((tmp_path / "model/decoder_scheduler/scheduler_config.json").read_text())
     recipe.step_assemble(tmp_path)
-    assert json.loads((tmp_path / "model/decoder/config.json").read_text()) == {"from": "decoder_tune/export/decoder"}
     assert read()["prediction_type"] == "epsilon" and read()["variance_type"] == "learned_range"
-    write_scheduler(tmp_path / "decoder/export/decoder_scheduler",   # the untuned stage's: not used
-                    dataclasses.replace(sch.DECODER, prediction_type="sample"))
-    recipe.step_assemble(tmp_path)
-    assert read()["prediction_type"] == "epsilon"
-    write_scheduler(tmp_path / "decoder_tune/export/decoder_scheduler",
+    write_scheduler(tmp_path / "decoder/export/decoder_scheduler",
                     dataclasses.replace(sch.DECODER, prediction_type="sample"))
     recipe.step_assemble(tmp_path)
     assert read()["prediction_type"] == "sample"
     assert sch.SchedulerConfig.from_diffusers(read()) == dataclasses.replace(sch.DECODER, prediction_type="sample")
     assert json.loads((tmp_path / "model/unclip_jax.json").read_text()) == recipe.DEMO_SETTINGS
-
-
-def test_demo_decoder_tune_config_trains_the_decoder_export_on_with_clipped_snr():
-    """configs/demo.py:decoder_tune is the decoder stage, started from the decoder step's export, with the
-    clipped-SNR weighting; the rest (model, data, prediction type) is the decoder config's."""
-    from unclip_jax.demo import recipe
-    from unclip_jax.training import config_lib
-    cfg = recipe.load_configs()
-    base = cfg.get_config("decoder,root=/w").to_dict()
-    tune = cfg.get_config("decoder_tune,root=/w")
-    config_lib.check(tune)
-    assert tune.stage == "decoder" and tune.init_from == "/w/decoder/export"
-    assert tune.loss_weighting == "clipped_snr" and tune.prediction_type == "sample"
-    changed = {k for k, v in tune.to_dict().items() if base.get(k) != v}
-    assert changed == {"init_from", "loss_weighting", "total_steps", "learning_rate", "sample_every"}
-    assert recipe.STEPS.index("decoder") < recipe.STEPS.index("decoder_tune") < recipe.STEPS.index("assemble")
-    assert cfg.get_config("decoder_tune,root=/w,smoke").total_steps == 4
 
 
 def test_installed_weights_are_float16_and_load_as_float32(tmp_path):

@@ -10,8 +10,6 @@ Steps (each skipped when its output is complete; the training steps resume from 
     embed       the new CLIP over the dataset (embeddings + hidden states)   workdir/data/embeddings
     prior       configs/demo.py:prior                                        workdir/prior/export
     decoder     configs/demo.py:decoder (with text_proj)                     workdir/decoder/export
-    decoder_tune  configs/demo.py:decoder_tune: the decoder trained on with its
-                low-noise errors weighted up (sharper shapes)                workdir/decoder_tune/export
     upsampler   configs/demo.py:upsampler (32 -> 64)                         workdir/upsampler/export
     assemble    one diffusers unCLIP folder (plus image_encoder/ and feature_extractor/ for variations, and
                 unclip_jax.json: the sampling settings the CLI uses for it)
@@ -35,7 +33,7 @@ from pathlib import Path
 
 log = logging.getLogger("unclip_jax.demo.recipe")
 
-STEPS = ("data", "tokenizer", "clip", "embed", "prior", "decoder", "decoder_tune", "upsampler", "assemble", "evaluate")
+STEPS = ("data", "tokenizer", "clip", "embed", "prior", "decoder", "upsampler", "assemble", "evaluate")
 DATA_SIZES = {"train": 30000, "test": 1000, "heldout": 1000}
 SMOKE_DATA_SIZES = {"train": 64, "test": 16, "heldout": 16}
 DEFAULT_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
@@ -158,8 +156,8 @@ def step_assemble(root: Path) -> Path:
     tmp.mkdir(parents=True)
     sources = {"text_encoder": root / "clip/export/text_encoder", "image_encoder": root / "clip/export/image_encoder",
                "tokenizer": root / "clip/export/tokenizer", "feature_extractor": root / "clip/export/feature_extractor",
-               "prior": root / "prior/export/prior", "decoder": root / "decoder_tune/export/decoder",
-               "text_proj": root / "decoder_tune/export/text_proj",
+               "prior": root / "prior/export/prior", "decoder": root / "decoder/export/decoder",
+               "text_proj": root / "decoder/export/text_proj",
                "super_res_first": root / "upsampler/export/super_res_first",
                # The last super-resolution step uses the same network (Karlo trained a separate one for it).
                "super_res_last": root / "upsampler/export/super_res_first"}
@@ -171,7 +169,7 @@ def step_assemble(root: Path) -> Path:
     from unclip_jax.training.stages import write_scheduler
     for name, config in (("prior_scheduler", sch.PRIOR), ("decoder_scheduler", sch.DECODER),
                          ("super_res_scheduler", sch.SUPER_RES)):
-        trained = root / "decoder_tune/export" / name   # the decoder stage says what its model predicts
+        trained = root / "decoder/export" / name   # the decoder stage says what its model predicts
         if name == "decoder_scheduler" and (trained / "scheduler_config.json").exists():
             shutil.copytree(trained, tmp / name)
         else:

@@ -289,7 +289,6 @@ def inpaint(stages: Stages, params: dict, images: jax.Array, mask: jax.Array, im
     mask = jnp.asarray(mask, jnp.float32)
     if mask.ndim == 3:
         mask = mask[..., None]
-    b = images.shape[0]
     k_start, k_dec, k_sr = jax.random.split(key, 3)
     model_fn = decoder_model(stages, params, jnp.asarray(image_embeddings, jnp.float32), text, uncond,
                              guidance_scale, guidance=guidance)
