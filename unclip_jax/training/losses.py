@@ -141,7 +141,7 @@ def decoder_loss(decoder, text_proj, params: Params, images, image_embeds, text:
 def snr_weights(sched: sch.SchedulerState, t, cfg: LossConfig) -> jax.Array:
     """(B,) multipliers of the per-example MSE for cfg.loss_weighting "clipped_snr": clip(SNR_t, 1, snr_gamma) on
     the x0 error, i.e. that over SNR_t on the eps error (eps error = SNR_t x0 error), float32."""
-    abar = sched.alphas_cumprod[t].astype(jnp.float32)
+    abar = sch.alpha_bar(sched, t).astype(jnp.float32)
     snr = abar / (1.0 - abar)
     w = jnp.clip(snr, 1.0, cfg.snr_gamma)
     return w if cfg.prediction_type == "sample" else w / snr
