@@ -406,3 +406,25 @@ def test_installed_weights_are_float16_and_load_as_float32(tmp_path):
     assert out["w"].dtype == np.float16 and out["steps"].dtype == np.arange(3).dtype
     np.testing.assert_allclose(out["w"], x, atol=2e-3)
     assert SafetensorsReader(tmp_path / "c" / "m.safetensors").get("w").dtype == np.float16   # the loader casts
+
+
+def test_install_copies_float16_weights_and_a_report_without_machine_paths(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from unclip_jax.demo import evaluate as ev
+    from unclip_jax.demo import recipe
+    model = tmp_path / "work" / "model"
+    (model / "decoder").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    save_file({"w": np.ones((2, 2), np.float32)}, str(model / "decoder" / "m.safetensors"))
+    (model / "evaluation").mkdir()
+    (model / "evaluation" / "report.json").write_text(json.dumps({"model": str(model), "folder": str(model)}))
+    dest = recipe.install(tmp_path / "work", tmp_path / "installed")
+    assert load_file(str(dest / "decoder" / "m.safetensors"))["w"].dtype == np.float16
+    assert not (dest / "evaluation").exists()
+    assert json.loads((dest / "evaluation.json").read_text())["folder"] == "<workdir>/model"
+    with pytest.raises(FileNotFoundError, match="no assembled model"):
+        recipe.install(tmp_path / "elsewhere", tmp_path / "x")
+    from unclip_jax.demo import MODEL_DIR
+    assert ev._folder_name(MODEL_DIR) == "unclip_jax/demo/model"
+    assert ev._folder_name(tmp_path) == str(tmp_path)

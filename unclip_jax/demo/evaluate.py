@@ -306,6 +306,13 @@ def eval_scenes(group: str, count: int, seed: int = 0, *, reference: bool = Fals
     raise ValueError(f"group={group!r}; expected one of {', '.join(GROUPS)}")
 
 
+def _folder_name(root) -> str:
+    """The evaluated folder as the report records it: the packaged demo model by its place in the package (not
+    this machine's path), anything else as given."""
+    from unclip_jax.demo import MODEL_DIR
+    return "unclip_jax/demo/model" if Path(root).resolve() == MODEL_DIR else str(root)
+
+
 def _batched(call, items, *, batch_size: int, seed: int, progress: bool, desc: str) -> np.ndarray:
     """call(batch, key) -> images for every `batch_size` items (the last batch padded: one compiled function),
     batch b keyed fold_in(key(seed), b); the images of the items, concatenated, with a progress bar."""
@@ -444,7 +451,7 @@ def evaluate(model: str = "demo", *, num_heldin: int = 64, num_heldout: int = 32
                 samples[-1].update(decoded_seen=shapes.caption(analyses["decoded"][i].scene),
                                    decoded_check=checks["decoded"][i])
     report = {
-        "model": str(model), "folder": str(root), "seed": seed,
+        "model": str(model), "folder": _folder_name(root), "seed": seed,
         "settings": {"batch_size": batch_size, "prior_steps": prior_steps, "decoder_steps": decoder_steps,
                      "super_res_steps": super_res_steps, "prior_guidance": prior_guidance,
                      "decoder_guidance": decoder_guidance, "k": k_used, "image_size": size,

@@ -199,18 +199,28 @@ def to_float16(folder: Path) -> None:
                   metadata={"format": "pt"})
 
 
-def install(root: Path) -> Path:
+def install(root: Path, dest: Path | None = None) -> Path:
+    """Copies the assembled model into the package (or `dest`) in float16, with its evaluation report as
+    evaluation.json. The report's "folder" (the machine path it evaluated) becomes "<workdir>/..." there."""
     from unclip_jax.demo import MODEL_DIR
+    dest = Path(dest) if dest is not None else MODEL_DIR
+    root = Path(root)
     src = root / "model"
     if not (src / "model_index.json").exists():
         raise FileNotFoundError(f"{src} has no assembled model: run the recipe first")
-    shutil.rmtree(MODEL_DIR, ignore_errors=True)
-    shutil.copytree(src, MODEL_DIR, ignore=shutil.ignore_patterns("evaluation"))
-    to_float16(MODEL_DIR)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("evaluation"))
+    to_float16(dest)
     if (src / "evaluation" / "report.json").exists():
-        shutil.copy(src / "evaluation" / "report.json", MODEL_DIR / "evaluation.json")
-    log.info("installed %s -> %s", src, MODEL_DIR)
-    return MODEL_DIR
+        report = json.loads((src / "evaluation" / "report.json").read_text())
+        folder = Path(str(report.get("folder", "")))
+        for base in (root, root.resolve()):
+            if folder.is_absolute() and folder.is_relative_to(base):
+                report["folder"] = str(Path("<workdir>") / folder.relative_to(base))
+                break
+        (dest / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
+    log.info("installed %s -> %s", src, dest)
+    return dest
 
 
 def run(root: str | Path, *, steps=STEPS, smoke: bool = False, configs=DEFAULT_CONFIGS, overrides: dict | None = None,
