@@ -84,8 +84,12 @@ def messy_folder(tmp_path_factory):
     return root
 
 
-def test_folder_build_counts_every_kept_converted_and_skipped_example(messy_folder, tmp_path):
+def test_folder_build_counts_every_kept_converted_and_skipped_example(messy_folder, tmp_path, monkeypatch):
+    import tempfile
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     report = build_dataset(messy_folder, tmp_path / "out", verbose=False)
+    assert not list((tmp_path / "tmp").iterdir())     # nothing left behind (tfds' GCS lookup used to leave a folder)
     assert report.skipped == {"smaller than 64 px": 1, "truncated image": 1, "unreadable image": 1,
                               "empty caption": 1, "missing caption": 1, "caption without image": 1}
     assert report.converted == {"grayscale -> RGB": 2, "alpha -> composited on white": 1, "CMYK -> RGB": 1,

@@ -36,6 +36,15 @@ NAME = "image_captions"
 REPORT_FILE = "build_report.json"
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The DatasetInfo of a dataset built here, never one of tfds' published ones: a builder whose folder is not
+    written yet does not look on tfds' GCS bucket for it. (tfds' lookup makes an empty tempfile.mkdtemp("tfds")
+    folder even with GCS disabled, and never removes it: one /tmp/tmp*tfds per dataset built.)"""
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class ImageCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Cleaned image-caption pairs; one `train` split. Built by `build_dataset`, read with `load_dataset`."""
 
@@ -54,7 +63,7 @@ class ImageCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(data_dir=data_dir, file_format="array_record")
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self, description=self._description,
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="jpeg"),

@@ -178,7 +178,8 @@ def _builder_class():
             super().__init__(data_dir=data_dir, file_format="array_record")
 
         def _info(self):
-            return tfds.core.DatasetInfo(
+            from unclip_jax.data.builders import LocalDatasetInfo
+            return LocalDatasetInfo(
                 builder=self,
                 description=(f"Captioned shapes scenes, {self._size}x{self._size}, seed {self._seed}; held-out "
                              f"(colour, shape) pairs: {sorted(HELD_OUT)}."),
