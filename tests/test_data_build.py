@@ -215,7 +215,11 @@ class TinyCaptionsCatalogue(tfds.core.GeneratorBasedBuilder):
             yield str(i), {"image": image, "captions": {"text": [f"image {i} caption {j}" for j in range(2)]}}
 
 
-def test_a_prepared_tfds_dataset_is_a_source_with_one_example_per_caption(tmp_path):
+def test_a_prepared_tfds_dataset_is_a_source_with_one_example_per_caption(tmp_path, monkeypatch):
+    import tempfile
+    # This builder stands in for a published tfds dataset, so tfds looks for it on GCS through a temporary folder
+    # it never removes: keep that under tmp_path.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     TinyCaptionsCatalogue(data_dir=tmp_path / "tfds", file_format="array_record").download_and_prepare()
     report = build_dataset("tfds:tiny_captions_catalogue", tmp_path / "out", data_dir=str(tmp_path / "tfds"),
                            caption_key="captions/text", all_captions=True, verbose=False)
