@@ -240,13 +240,40 @@ def test_evaluate_end_to_end(tiny, tmp_path, capsys):
                 for s in ev.eval_scenes(g, n)]
     assert [s["caption"] for s in report["samples"]] == captions
     assert all(set(s["decoded_check"]) == set(s["check"]) for s in report["samples"])
+    for r in report["groups"].values():
+        assert list(r["embedding_use"]) == [f"t{t}" for t in ev.PROBE_TIMESTEPS]
+        assert all(set(p) == {"true", "swapped"} and set(p["true"]) == set(r["pixel"]["real"])
+                   and all(v is None or 0 <= v <= 1 for v in p["true"].values())
+                   for p in r["embedding_use"].values())
     assert report["settings"]["k"] == len(set(captions)) and report["settings"]["image_size"] == size
     assert all(len(ev.eval_scenes("two_shape", 2)[i].shapes) == 2 for i in range(2))
     assert all(shapes.is_held_out(s) for s in ev.eval_scenes("heldout", 4))
     assert not any(shapes.is_held_out(s) or len(s.shapes) > 1 for s in ev.eval_scenes("heldin", 20))
     printed = capsys.readouterr()
     assert "heldout" in printed.out and "R-prec" in printed.out and "generating" in printed.err
-    assert "decoded" in printed.out and "decoding" in printed.err
+    assert "decoded" in printed.out and "decoding" in printed.err and "embedding use" in printed.out
+
+
+def test_embedding_use_tells_what_the_shipped_decoder_reads_from_the_embedding():
+    """The demo decoder takes colour from the CLIP embedding and shape from the noisy image only: with another
+    scene's embedding its one-step x0 from t = 800 gets the colour right far less often, the shape as often;
+    at t = 300 the image alone gives the colours away."""
+    import unclip_jax
+    from unclip_jax.convert.io import resolve_folder
+    from unclip_jax.data.embed import load_towers
+    root = resolve_folder("demo")
+    pipe = unclip_jax.UnCLIPImageVariationPipeline.from_pretrained(root)
+    scenes = ev.eval_scenes("heldin", 32)
+    real = [shapes.render(s, 64) for s in scenes]
+    z = ev.ClipSpace(load_towers(str(root))).images(real)
+    probe = ev.embedding_use(pipe, real, z, scenes, batch_size=16, timesteps=(300, 800))
+    assert list(probe) == ["t300", "t800"]
+    assert probe["t300"]["true"]["color"] >= 0.9 and probe["t300"]["true"]["background"] == 1.0
+    assert probe["t800"]["true"]["color"] - probe["t800"]["swapped"]["color"] >= 0.4
+    assert abs(probe["t800"]["true"]["shape"] - probe["t800"]["swapped"]["shape"]) <= 0.15
+    # a batch size that does not divide the scenes (the last batch padded) gives the same figures
+    assert ev.embedding_use(pipe, real[:20], z[:20], scenes[:20], batch_size=16, timesteps=(800,)) == \
+        ev.embedding_use(pipe, real[:20], z[:20], scenes[:20], batch_size=7, timesteps=(800,))
 
 
 def test_evaluate_errors(tiny, tmp_path):

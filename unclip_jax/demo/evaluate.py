@@ -15,7 +15,10 @@
 With decoder_only=True (`--decoder-only`) every measure is also taken of images decoded straight from the real
 renders' CLIP image embeddings ("decoded": the prior skipped, the empty prompt, as image variations are made), so
 a model's errors can be told apart: what the decoded images get wrong, the decoder (or the CLIP embedding) does;
-what only the generated ones get wrong, the prior does.
+what only the generated ones get wrong, the prior does. It also probes what the decoder reads from the embedding
+(`embedding_use`): its one-step x0 estimates from real renders noised to t = 300, 600, 800, pixel-checked, given
+each render's own embedding and another scene's. An attribute that scores the same with both is not taken from
+the embedding; the shipped demo decoder takes colour from it but not shape.
 
 Scenes come in three groups: `heldin` (one shape, training (colour, shape) pairs, drawn from the `test` split's
 seeds), `heldout` (the `heldout` split: one shape of a pair never trained on) and `two_shape` (two shapes of
@@ -344,6 +347,57 @@ def decode(pipe, image_embeddings: np.ndarray, *, batch_size: int, seed: int = 0
                     image_embeddings, batch_size=batch_size, seed=seed, progress=progress, desc="decoding")
 
 
+PROBE_TIMESTEPS = (300, 600, 800)
+
+
+def embedding_use(pipe, real: list, real_embeds: np.ndarray, scenes: list[Scene], *, batch_size: int, seed: int = 0,
+                  timesteps=PROBE_TIMESTEPS) -> dict:
+    """What the decoder takes from the CLIP image embedding: the real renders, resized to the decoder's size,
+    noised to each t (one noise draw per t), and the decoder's one-step x0 estimate given the render's own
+    embedding ("true") or the next scene's ("swapped"; empty prompt for both), pixel-checked against the
+    render's scene. An attribute the decoder reads from the embedding scores well with the true embedding and
+    drops towards chance with the swapped one; one it only reads off the noisy image scores the same with both.
+
+    pipe: an image-variation pipeline (stages + params); real: the renders (uint8, any size); real_embeds: their
+    CLIP image embeddings (N, D). Returns {"t<t>": {"true": pixel_rates, "swapped": pixel_rates}}.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax import sampling
+    from unclip_jax.diffusion import scheduler as sch
+    st, params = pipe.stages, pipe.params
+    config = st.decoder_scheduler
+    state = sch.create_state(config)
+    n = len(real)
+    x0 = np.asarray(pipe.decoder_pixels(list(real)))
+    empty = pipe.encode_prompt([""] * batch_size)
+
+    @jax.jit
+    def one_step(params, empty, x0, z, t, noise):   # t traced: one compile for every t
+        cond = sampling.decoder_conditioning(st, params, z, empty, guidance=False)
+        tb = jnp.full((x0.shape[0],), t, jnp.int32)
+        x_t = sch.q_sample(state, x0, tb, noise)
+        out = st.decoder.apply({"params": params["decoder"]}, x_t, tb, encoder_hidden_states=cond.context,
+                               class_labels=cond.class_labels, attention_mask=cond.mask).astype(jnp.float32)
+        return sch.predict_x0(state, config, out, tb, x_t, clip=True)
+
+    swapped = np.roll(np.asarray(real_embeds), -1, axis=0)
+    result = {}
+    for t in timesteps:
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), t), x0.shape))
+        rates = {}
+        for name, z in (("true", np.asarray(real_embeds)), ("swapped", swapped)):
+            est = np.concatenate([
+                np.asarray(one_step(params, empty, _pad(x0[lo:lo + batch_size], batch_size),
+                                    _pad(z[lo:lo + batch_size], batch_size), np.int32(t),
+                                    _pad(noise[lo:lo + batch_size], batch_size)))[:min(batch_size, n - lo)]
+                for lo in range(0, n, batch_size)])
+            rates[name] = pixel_rates([check(as_uint8(e * 0.5 + 0.5), s) for e, s in zip(est, scenes)])
+        result[f"t{t}"] = rates
+    return result
+
+
 INT_SETTINGS = ("num_heldin", "num_heldout", "num_two_shape", "seed", "batch_size", "prior_steps", "decoder_steps",
                 "super_res_steps", "k")
 
@@ -416,6 +470,8 @@ def evaluate(model: str = "demo", *, num_heldin: int = 64, num_heldout: int = 32
                          decoder_num_inference_steps=decoder_steps, super_res_num_inference_steps=super_res_steps,
                          decoder_guidance_scale=decoder_guidance)
         images["decoded"] = [as_uint8(im) for im in decoded]
+        probes = {g: embedding_use(variations, real[part], real_embeds[part], scene_list[part],
+                                   batch_size=batch_size, seed=seed) for g, part in parts.items()}
         decode_s = time.perf_counter() - t3
         embeds["decoded"] = clip.images(images["decoded"])
     images["real"], embeds["real"] = real, real_embeds
@@ -442,6 +498,8 @@ def evaluate(model: str = "demo", *, num_heldin: int = 64, num_heldout: int = 32
                            for kind in embeds if kind != "real"},
                         "real_vs_real": fd(embeds["real"][part], reference)},
         }
+        if decoder_only:
+            groups[g]["embedding_use"] = probes[g]
         for i in range(part.start, part.stop):
             samples.append({"group": g, "caption": captions[i],
                             "seen": shapes.caption(analyses["generated"][i].scene),
@@ -502,6 +560,15 @@ def format_table(report: dict) -> str:
     if s.get("decoder_only"):
         lines.append("decoded: the real renders' CLIP image embeddings through the decoder alone (no prior, empty "
                      "prompt).")
+        probes = {g: r["embedding_use"] for g, r in report["groups"].items() if "embedding_use" in r}
+        if probes:
+            lines.append("embedding use: colour / shape of the decoder's one-step x0 from real renders noised to t, "
+                         "given their own CLIP embedding (true) or another scene's (swapped):")
+            for g, probe in probes.items():
+                lines.append(f"  {g:<10} " + "   ".join(
+                    f"{t}: true {fmt(r['true']['color'], 4)} / {fmt(r['true']['shape'], 4)}, "
+                    f"swapped {fmt(r['swapped']['color'], 4)} / {fmt(r['swapped']['shape'], 4)}"
+                    for t, r in probe.items()))
     return "\n".join(lines)
 
 
