@@ -242,8 +242,8 @@ def test_evaluate_end_to_end(tiny, tmp_path, capsys):
     assert all(set(s["decoded_check"]) == set(s["check"]) for s in report["samples"])
     for r in report["groups"].values():
         assert list(r["embedding_use"]) == [f"t{t}" for t in ev.PROBE_TIMESTEPS]
-        assert all(set(p) == {"true", "swapped"} and set(p["true"]) == set(r["pixel"]["real"])
-                   and all(v is None or 0 <= v <= 1 for v in p["true"].values())
+        assert all(set(p) == {"true", "swapped"} and set(p["true"]) == set(p["swapped"]) == set(r["pixel"]["real"])
+                   and all(v is None or 0 <= v <= 1 for v in [*p["true"].values(), *p["swapped"].values()])
                    for p in r["embedding_use"].values())
     assert report["settings"]["k"] == len(set(captions)) and report["settings"]["image_size"] == size
     assert all(len(ev.eval_scenes("two_shape", 2)[i].shapes) == 2 for i in range(2))
@@ -266,14 +266,20 @@ def test_embedding_use_tells_what_the_shipped_decoder_reads_from_the_embedding()
     scenes = ev.eval_scenes("heldin", 32)
     real = [shapes.render(s, 64) for s in scenes]
     z = ev.ClipSpace(load_towers(str(root))).images(real)
-    probe = ev.embedding_use(pipe, real, z, scenes, batch_size=16, timesteps=(300, 800))
-    assert list(probe) == ["t300", "t800"]
+    checks = ev.embedding_use(pipe, real, z, scenes, batch_size=16, timesteps=(300, 800))
+    assert list(checks) == ["t300", "t800"] and all(len(c) == 32 for p in checks.values() for c in p.values())
+    probe = {t: {name: ev.pixel_rates(c) for name, c in p.items()} for t, p in checks.items()}
     assert probe["t300"]["true"]["color"] >= 0.9 and probe["t300"]["true"]["background"] == 1.0
     assert probe["t800"]["true"]["color"] - probe["t800"]["swapped"]["color"] >= 0.4
     assert abs(probe["t800"]["true"]["shape"] - probe["t800"]["swapped"]["shape"]) <= 0.15
-    # a batch size that does not divide the scenes (the last batch padded) gives the same figures
-    assert ev.embedding_use(pipe, real[:20], z[:20], scenes[:20], batch_size=16, timesteps=(800,)) == \
-        ev.embedding_use(pipe, real[:20], z[:20], scenes[:20], batch_size=7, timesteps=(800,))
+    # a batch size that does not divide the scenes (the last batch padded) gives the same checks; the identity
+    # as the swap gives "swapped" = "true"
+    a = ev.embedding_use(pipe, real[:20], z[:20], scenes[:20], batch_size=16, timesteps=(800,))
+    assert a == ev.embedding_use(pipe, real[:20], z[:20], scenes[:20], batch_size=7, timesteps=(800,))
+    same = ev.embedding_use(pipe, real[:20], z[:20], scenes[:20], batch_size=16, timesteps=(800,), swap=np.arange(20))
+    assert same["t800"]["true"] == same["t800"]["swapped"] == a["t800"]["true"]
+    with pytest.raises(ValueError, match="one of each per render"):
+        ev.embedding_use(pipe, real[:20], z[:19], scenes[:20], batch_size=16)
 
 
 def test_evaluate_errors(tiny, tmp_path):
