@@ -84,12 +84,9 @@ def messy_folder(tmp_path_factory):
     return root
 
 
-def test_folder_build_counts_every_kept_converted_and_skipped_example(messy_folder, tmp_path, monkeypatch):
-    import tempfile
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+def test_folder_build_counts_every_kept_converted_and_skipped_example(messy_folder, tmp_path, own_tempdir):
     report = build_dataset(messy_folder, tmp_path / "out", verbose=False)
-    assert not list((tmp_path / "tmp").iterdir())     # nothing left behind (tfds' GCS lookup used to leave a folder)
+    assert not list(own_tempdir.iterdir())     # nothing left behind (tfds' GCS lookup used to leave a folder)
     assert report.skipped == {"smaller than 64 px": 1, "truncated image": 1, "unreadable image": 1,
                               "empty caption": 1, "missing caption": 1, "caption without image": 1}
     assert report.converted == {"grayscale -> RGB": 2, "alpha -> composited on white": 1, "CMYK -> RGB": 1,
@@ -215,11 +212,9 @@ class TinyCaptionsCatalogue(tfds.core.GeneratorBasedBuilder):
             yield str(i), {"image": image, "captions": {"text": [f"image {i} caption {j}" for j in range(2)]}}
 
 
-def test_a_prepared_tfds_dataset_is_a_source_with_one_example_per_caption(tmp_path, monkeypatch):
-    import tempfile
+def test_a_prepared_tfds_dataset_is_a_source_with_one_example_per_caption(tmp_path, own_tempdir):
     # This builder stands in for a published tfds dataset, so tfds looks for it on GCS through a temporary folder
-    # it never removes: keep that under tmp_path.
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # it never removes: own_tempdir keeps that under tmp_path.
     TinyCaptionsCatalogue(data_dir=tmp_path / "tfds", file_format="array_record").download_and_prepare()
     report = build_dataset("tfds:tiny_captions_catalogue", tmp_path / "out", data_dir=str(tmp_path / "tfds"),
                            caption_key="captions/text", all_captions=True, verbose=False)

@@ -60,14 +60,10 @@ def test_render_draws_the_named_colours_where_the_scene_says():
     assert rows[0] < rows[-1] / 3, "an upright triangle is narrow at the top and wide at the bottom"
 
 
-def test_shapes_dataset_builds_and_loads_with_the_data_pipeline(tmp_path, monkeypatch):
-    import tempfile
-
+def test_shapes_dataset_builds_and_loads_with_the_data_pipeline(tmp_path, own_tempdir):
     from unclip_jax.data import load_dataset
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     version = shapes.build_shapes_dataset(tmp_path / "ds", train=12, test=4, heldout=3, progress=False)
-    assert not list((tmp_path / "tmp").iterdir())     # tfds' GCS lookup left an empty tmp*tfds folder per build
+    assert not list(own_tempdir.iterdir())     # tfds' GCS lookup left an empty tmp*tfds folder per build
     assert version.parent.name == shapes.NAME
     builder = load_dataset(tmp_path / "ds")
     assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 12, "test": 4, "heldout": 3}

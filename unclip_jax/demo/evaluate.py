@@ -365,8 +365,8 @@ def embedding_use(pipe, real: list, real_embeds: np.ndarray, scenes: list[Scene]
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax import sampling
     from unclip_jax.diffusion import scheduler as sch
+    from unclip_jax.manipulations.ddim import decoder_model
     st = pipe.stages
     config = st.decoder_scheduler
     state = sch.create_state(config)
@@ -377,15 +377,13 @@ def embedding_use(pipe, real: list, real_embeds: np.ndarray, scenes: list[Scene]
                          "expected one of each per render")
     swap = np.roll(np.arange(n), -1) if swap is None else np.asarray(swap)
     x0 = np.asarray(pipe.decoder_pixels(list(real)))
-    empty = pipe.encode_prompt([""] * batch_size)
+    empty = pipe.encode_prompt([""])
 
     @jax.jit
     def one_step(params, empty, x0, z, t, noise):   # t traced: one compile for every t
-        cond = sampling.decoder_conditioning(st, params, z, empty, guidance=False)
         tb = jnp.full((x0.shape[0],), t, jnp.int32)
         x_t = sch.q_sample(state, x0, tb, noise)
-        out = st.decoder.apply({"params": params["decoder"]}, x_t, tb, encoder_hidden_states=cond.context,
-                               class_labels=cond.class_labels, attention_mask=cond.mask).astype(jnp.float32)
+        out = decoder_model(st, params, z, empty, None, 1.0, guidance=False)(x_t, tb)
         return sch.predict_x0(state, config, out, tb, x_t, clip=True)
 
     def estimates(z, t, noise):

@@ -99,8 +99,9 @@ def decoder_loss(decoder, text_proj, params: Params, images, image_embeds, text:
     small decoder trained on it draws every shape as a round blob). The clip keeps the x0 weight (truncated SNR,
     Salimans & Ho 2022) at high noise and caps the low-noise weight (Min-SNR, Hang et al. 2023). "none": the plain
     MSE of the prediction type. L_vlb is not reweighted: with the MSE up to snr_gamma times larger, the learned
-    variance gets relatively less of the gradient (on the demo decoder, 3600 steps of it at learning rate 5e-4
-    left the variance too large and the samples noisy; watch the vb term and the sample grids).
+    variance gets relatively less of the gradient. (Training the demo decoder on from its weights at learning
+    rate 5e-4 left the learned variance too large and the samples noisy, with this weighting or without it;
+    watch the vb term and the sample grids when fine-tuning.)
 
     params: {"decoder": ..., "text_proj": ...}; images (B, S, S, 3) in [-1, 1]; image_embeds (B, D).
     The CLIP image embedding becomes text_proj's learned null embedding with probability image_embed_drop,
