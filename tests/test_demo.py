@@ -429,3 +429,43 @@ def test_install_copies_float16_weights_and_a_report_without_machine_paths(tmp_p
     from unclip_jax.demo import MODEL_DIR
     assert ev._folder_name(MODEL_DIR) == "unclip_jax/demo/model"
     assert ev._folder_name(tmp_path) == str(tmp_path)
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_from_model_takes_the_stages_not_retrained_and_keeps_what_a_run_trained(tmp_path):
+    """--from-model demo --steps assemble reassembles the shipped folder file for file; seeding never overwrites
+    an export already in the workdir, says where each seeded stage came from, and names what a model lacks."""
+    from unclip_jax.demo import MODEL_DIR, recipe
+    work = tmp_path / "work"
+    assert recipe.main(["--workdir", str(work), "--steps", "assemble", "--from-model", "demo"]) == 0
+    shipped = {k: v for k, v in _files(MODEL_DIR).items() if k != "evaluation.json"}
+    assert _files(work / "model") == shipped
+    assert json.loads((work / "decoder/seeded_from.json").read_text())["model"] == "demo"
+    assert (work / "tokenizer/vocab.json").read_bytes() == (MODEL_DIR / "tokenizer/vocab.json").read_bytes()
+
+    # A stage with its own export keeps it; only the missing stage is taken.
+    mine = work / "prior/export/prior/config.json"
+    mine.write_text('{"trained": "here"}')
+    import shutil
+    shutil.rmtree(work / "decoder")
+    assert recipe.seed_from_model(work, "demo", ["prior", "decoder"]) == ["decoder"]
+    assert mine.read_text() == '{"trained": "here"}'
+    assert (work / "decoder/export/decoder_scheduler/scheduler_config.json").exists()
+    assert not (work / "decoder/export.partial").exists()
+
+    # A stage being retrained is not seeded: assemble then says what is missing.
+    other = tmp_path / "other"
+    recipe.seed_from_model(other, MODEL_DIR, ["clip", "prior", "upsampler"])
+    with pytest.raises(FileNotFoundError, match="decoder/export/decoder"):
+        recipe.step_assemble(other)
+
+    partial = tmp_path / "partial"
+    shutil.copytree(MODEL_DIR / "prior", partial / "prior")
+    with pytest.raises(FileNotFoundError, match="no decoder, decoder_scheduler, text_proj folder"):
+        recipe.seed_from_model(tmp_path / "w2", partial, ["prior", "decoder"])
+    assert not (tmp_path / "w2" / "prior" / "export").exists()   # checked before anything is copied
+    with pytest.raises(ValueError, match="trained stages only"):
+        recipe.seed_from_model(tmp_path / "w3", MODEL_DIR, ["embed"])

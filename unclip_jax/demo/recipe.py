@@ -18,6 +18,12 @@ Steps (each skipped when its output is complete; the training steps resume from 
 
 --install copies workdir/model into the package (unclip_jax/demo/model), what `--model demo` loads. The training
 configs live in configs/demo.py (a source checkout); --configs points elsewhere.
+
+--from-model MODEL (an assembled folder, "demo" or a hub id) retrains only the stages named in --steps: the
+others' exports are copied from MODEL into the workdir first. To retrain the shipped demo's decoder longer:
+
+    python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps data,embed,decoder,assemble,evaluate \
+        --set total_steps=50000
 """
 
 from __future__ import annotations
@@ -57,6 +63,50 @@ DEMO_SETTINGS = {"super_res_start_timestep": 333,
                  "sampling_defaults": {"prior_num_inference_steps": 25, "decoder_num_inference_steps": 16,
                                        "super_res_num_inference_steps": 4, "prior_guidance_scale": 4.0,
                                        "decoder_guidance_scale": 3.0}}
+
+
+# What --from-model takes from an assembled folder for each trained stage: workdir path <- model component.
+SEEDS = {
+    "clip": {"clip/export/text_encoder": "text_encoder", "clip/export/image_encoder": "image_encoder",
+             "clip/export/tokenizer": "tokenizer", "clip/export/feature_extractor": "feature_extractor",
+             "tokenizer": "tokenizer"},
+    "prior": {"prior/export/prior": "prior"},
+    "decoder": {"decoder/export/decoder": "decoder", "decoder/export/text_proj": "text_proj",
+                "decoder/export/decoder_scheduler": "decoder_scheduler"},
+    "upsampler": {"upsampler/export/super_res_first": "super_res_first"},
+}
+
+
+def seed_from_model(root: str | Path, model: str | Path, stages) -> list[str]:
+    """Copies the exports of `stages` (trained stages: clip, prior, decoder, upsampler) from an assembled unCLIP
+    folder, "demo" or a hub id into the workdir, where the later steps look for them; returns the stages seeded.
+    A stage whose export is already in the workdir keeps it (what a run trained there is never overwritten).
+    Each seeded stage gets a seeded_from.json saying where its weights came from."""
+    from unclip_jax.convert.io import resolve_folder
+    root = Path(root)
+    unknown = set(stages) - set(SEEDS)
+    if unknown:
+        raise ValueError(f"--from-model seeds trained stages only ({', '.join(SEEDS)}), not {sorted(unknown)}")
+    todo = [s for s in SEEDS if s in stages and not _done(root / s / "export")]
+    if not todo:
+        return []
+    src = resolve_folder(model, patterns=("*.json", "*.safetensors", "*.txt"))
+    missing = sorted({c for s in todo for c in SEEDS[s].values() if not (src / c).is_dir()})
+    if missing:
+        raise FileNotFoundError(f"--from-model {model}: {src} has no {', '.join(missing)} folder(s), which the "
+                                f"stage(s) {', '.join(todo)} need; retrain those stages (name them in --steps)")
+    for stage in todo:
+        tmp = root / stage / "export.partial"   # copied whole or not at all: a half copy would pass _done
+        shutil.rmtree(tmp, ignore_errors=True)
+        for dest, component in SEEDS[stage].items():
+            if dest.startswith(f"{stage}/export/"):
+                shutil.copytree(src / component, tmp / dest[len(f"{stage}/export/"):])
+            elif not _done(root / dest):
+                shutil.copytree(src / component, root / dest)
+        tmp.rename(root / stage / "export")
+        (root / stage / "seeded_from.json").write_text(json.dumps({"model": str(model), "folder": str(src)}) + "\n")
+        log.info("%s: taken from %s (not trained here)", stage, src)
+    return todo
 
 
 def load_configs(path: str | Path = DEFAULT_CONFIGS):
@@ -224,13 +274,18 @@ def install(root: Path, dest: Path | None = None) -> Path:
 
 
 def run(root: str | Path, *, steps=STEPS, smoke: bool = False, configs=DEFAULT_CONFIGS, overrides: dict | None = None,
-        do_install: bool = False) -> Path:
+        do_install: bool = False, from_model: str | None = None) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     cfg = load_configs(configs)
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown step(s) {sorted(unknown)}; the steps are {', '.join(STEPS)}")
+    if from_model is not None:
+        keep = [s for s in SEEDS if s not in steps]
+        if not keep:
+            log.warning("--from-model %s: every stage is in --steps, so nothing is taken from it", from_model)
+        seed_from_model(root, from_model, keep)
     t0 = time.perf_counter()
     timings = {}
     for step in STEPS:
@@ -265,6 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a few examples and steps: checks the plumbing in minutes")
     p.add_argument("--install", action="store_true", help="copy the model into unclip_jax/demo/model")
     p.add_argument("--configs", default=str(DEFAULT_CONFIGS))
+    p.add_argument("--from-model", default=None, metavar="MODEL",
+                   help="take the trained stages not named in --steps from this assembled folder, 'demo' or hub id")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config key for every stage, e.g. --set compute_dtype=bfloat16")
     args = p.parse_args(argv)
@@ -273,7 +330,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     run(args.workdir, steps=[s for s in args.steps.split(",") if s], smoke=args.smoke, configs=args.configs,
-        overrides=overrides, do_install=args.install)
+        overrides=overrides, do_install=args.install, from_model=args.from_model)
     return 0
 
 
