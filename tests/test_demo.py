@@ -438,6 +438,8 @@ def _files(folder):
 def test_from_model_takes_the_stages_not_retrained_and_keeps_what_a_run_trained(tmp_path):
     """--from-model demo --steps assemble reassembles the shipped folder file for file; seeding never overwrites
     an export already in the workdir, says where each seeded stage came from, and names what a model lacks."""
+    import shutil
+
     from unclip_jax.demo import MODEL_DIR, recipe
     work = tmp_path / "work"
     assert recipe.main(["--workdir", str(work), "--steps", "assemble", "--from-model", "demo"]) == 0
@@ -449,7 +451,6 @@ def test_from_model_takes_the_stages_not_retrained_and_keeps_what_a_run_trained(
     # A stage with its own export keeps it; only the missing stage is taken.
     mine = work / "prior/export/prior/config.json"
     mine.write_text('{"trained": "here"}')
-    import shutil
     shutil.rmtree(work / "decoder")
     assert recipe.seed_from_model(work, "demo", ["prior", "decoder"]) == ["decoder"]
     assert mine.read_text() == '{"trained": "here"}'

@@ -262,6 +262,16 @@ def _pad(x: np.ndarray | list, n: int):
     return np.concatenate([x, np.repeat(x[-1:], n - len(x), 0)]) if len(x) < n else x
 
 
+def _padded_map(fn, *arrays, batch_size: int) -> np.ndarray:
+    """fn over `batch_size` rows of the arrays at a time (the last batch padded: one compiled function), the
+    outputs' rows for the real rows, concatenated."""
+    out = []
+    for lo in range(0, len(arrays[0]), batch_size):
+        n = min(batch_size, len(arrays[0]) - lo)
+        out.append(np.asarray(fn(*(_pad(a[lo:lo + n], batch_size) for a in arrays)))[:n])
+    return np.concatenate(out)
+
+
 class ClipSpace:
     """A model's CLIP towers as two batched functions, uint8 images (N, H, W, 3) or captions -> embeddings (N, D),
     preprocessed exactly as `unclip-jax data embed` preprocesses the training data (PNG, the image processor)."""
@@ -282,11 +292,7 @@ class ClipSpace:
         return self._batched(lambda i, m: self._text(self.towers.text_params, i, m), ids, mask)
 
     def _batched(self, fn, *arrays) -> np.ndarray:
-        out = []
-        for lo in range(0, len(arrays[0]), self.batch_size):
-            n = min(self.batch_size, len(arrays[0]) - lo)
-            out.append(np.asarray(fn(*(_pad(a[lo:lo + n], self.batch_size) for a in arrays)), np.float32)[:n])
-        return np.concatenate(out)
+        return np.asarray(_padded_map(fn, *arrays, batch_size=self.batch_size), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- the evaluation
@@ -387,11 +393,8 @@ def embedding_use(pipe, real: list, real_embeds: np.ndarray, scenes: list[Scene]
         return sch.predict_x0(state, config, out, tb, x_t, clip=True)
 
     def estimates(z, t, noise):
-        return np.concatenate([
-            np.asarray(one_step(pipe.params, empty, _pad(x0[lo:lo + batch_size], batch_size),
-                                _pad(z[lo:lo + batch_size], batch_size), np.int32(t),
-                                _pad(noise[lo:lo + batch_size], batch_size)))[:min(batch_size, n - lo)]
-            for lo in range(0, n, batch_size)])
+        return _padded_map(lambda x, zz, e: one_step(pipe.params, empty, x, zz, np.int32(t), e), x0, z, noise,
+                           batch_size=batch_size)
 
     result = {}
     for t in timesteps:

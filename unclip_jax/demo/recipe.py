@@ -65,16 +65,18 @@ DEMO_SETTINGS = {"super_res_start_timestep": 333,
                                        "decoder_guidance_scale": 3.0}}
 
 
-# What --from-model takes from an assembled folder for each trained stage: workdir path <- model component.
-SEEDS = {
-    "clip": {"clip/export/text_encoder": "text_encoder", "clip/export/image_encoder": "image_encoder",
-             "clip/export/tokenizer": "tokenizer", "clip/export/feature_extractor": "feature_extractor",
-             "tokenizer": "tokenizer"},
-    "prior": {"prior/export/prior": "prior"},
-    "decoder": {"decoder/export/decoder": "decoder", "decoder/export/text_proj": "text_proj",
-                "decoder/export/decoder_scheduler": "decoder_scheduler"},
-    "upsampler": {"upsampler/export/super_res_first": "super_res_first"},
-}
+# Where each trained component of the assembled folder comes from in the workdir: <stage>/export/<component>.
+# (Assemble also writes the schedulers, taking decoder/export/decoder_scheduler when the decoder stage made one,
+# and super_res_last, a copy of super_res_first.)
+EXPORTS = {"text_encoder": "clip", "image_encoder": "clip", "tokenizer": "clip", "feature_extractor": "clip",
+           "prior": "prior", "decoder": "decoder", "text_proj": "decoder", "super_res_first": "upsampler"}
+TRAINED_STAGES = ("clip", "prior", "decoder", "upsampler")
+
+
+def _seeded_components(stage: str) -> list[str]:
+    """What --from-model copies into <stage>/export: the stage's components (the decoder's with its scheduler,
+    which says what the model predicts)."""
+    return [c for c, s in EXPORTS.items() if s == stage] + (["decoder_scheduler"] if stage == "decoder" else [])
 
 
 def seed_from_model(root: str | Path, model: str | Path, stages) -> list[str]:
@@ -84,26 +86,26 @@ def seed_from_model(root: str | Path, model: str | Path, stages) -> list[str]:
     Each seeded stage gets a seeded_from.json saying where its weights came from."""
     from unclip_jax.convert.io import resolve_folder
     root = Path(root)
-    unknown = set(stages) - set(SEEDS)
+    unknown = set(stages) - set(TRAINED_STAGES)
     if unknown:
-        raise ValueError(f"--from-model seeds trained stages only ({', '.join(SEEDS)}), not {sorted(unknown)}")
-    todo = [s for s in SEEDS if s in stages and not _done(root / s / "export")]
+        raise ValueError(f"--from-model seeds trained stages only ({', '.join(TRAINED_STAGES)}), not "
+                         f"{sorted(unknown)}")
+    todo = [s for s in TRAINED_STAGES if s in stages and not _done(root / s / "export")]
     if not todo:
         return []
     src = resolve_folder(model, patterns=("*.json", "*.safetensors", "*.txt"))
-    missing = sorted({c for s in todo for c in SEEDS[s].values() if not (src / c).is_dir()})
+    missing = sorted({c for s in todo for c in _seeded_components(s) if not (src / c).is_dir()})
     if missing:
         raise FileNotFoundError(f"--from-model {model}: {src} has no {', '.join(missing)} folder(s), which the "
                                 f"stage(s) {', '.join(todo)} need; retrain those stages (name them in --steps)")
     for stage in todo:
         tmp = root / stage / "export.partial"   # copied whole or not at all: a half copy would pass _done
         shutil.rmtree(tmp, ignore_errors=True)
-        for dest, component in SEEDS[stage].items():
-            if dest.startswith(f"{stage}/export/"):
-                shutil.copytree(src / component, tmp / dest[len(f"{stage}/export/"):])
-            elif not _done(root / dest):
-                shutil.copytree(src / component, root / dest)
+        for component in _seeded_components(stage):
+            shutil.copytree(src / component, tmp / component)
         tmp.rename(root / stage / "export")
+        if stage == "clip" and not _done(root / "tokenizer"):   # the tokenizer step then keeps the CLIP's own
+            shutil.copytree(src / "tokenizer", root / "tokenizer")
         (root / stage / "seeded_from.json").write_text(json.dumps({"model": str(model), "folder": str(src)}) + "\n")
         log.info("%s: taken from %s (not trained here)", stage, src)
     return todo
@@ -204,13 +206,9 @@ def step_assemble(root: Path) -> Path:
     tmp = root / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sources = {"text_encoder": root / "clip/export/text_encoder", "image_encoder": root / "clip/export/image_encoder",
-               "tokenizer": root / "clip/export/tokenizer", "feature_extractor": root / "clip/export/feature_extractor",
-               "prior": root / "prior/export/prior", "decoder": root / "decoder/export/decoder",
-               "text_proj": root / "decoder/export/text_proj",
-               "super_res_first": root / "upsampler/export/super_res_first",
-               # The last super-resolution step uses the same network (Karlo trained a separate one for it).
-               "super_res_last": root / "upsampler/export/super_res_first"}
+    sources = {name: root / stage / "export" / name for name, stage in EXPORTS.items()}
+    # The last super-resolution step uses the same network (Karlo trained a separate one for it).
+    sources["super_res_last"] = sources["super_res_first"]
     missing = [str(p) for p in sources.values() if not p.exists()]
     if missing:
         raise FileNotFoundError("assemble: missing " + ", ".join(missing) + " (run the earlier steps)")
@@ -282,7 +280,7 @@ def run(root: str | Path, *, steps=STEPS, smoke: bool = False, configs=DEFAULT_C
     if unknown:
         raise ValueError(f"unknown step(s) {sorted(unknown)}; the steps are {', '.join(STEPS)}")
     if from_model is not None:
-        keep = [s for s in SEEDS if s not in steps]
+        keep = [s for s in TRAINED_STAGES if s not in steps]
         if not keep:
             log.warning("--from-model %s: every stage is in --steps, so nothing is taken from it", from_model)
         seed_from_model(root, from_model, keep)
