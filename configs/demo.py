@@ -4,9 +4,10 @@ whatever an earlier run left in the workdir:
 
     python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo            # about 10 minutes on an H100
 
-On a 2-core CPU the decoder's 5000 x 16 steps take about an hour (1.3-1.5 steps/s, 12.7 GFLOP per step) and the
-whole recipe two to three hours (BENCHMARKS.md). The shipped weights: CLIP, prior and upsampler from a run of
-this recipe on an H100, the decoder from this config on the 2-core CPU.
+On an idle 2-core CPU the recipe takes about an hour and a half (BENCHMARKS.md), most of it the decoder's 5000 x 16
+steps (about an hour: 1.3-1.5 steps/s, 12.7 GFLOP per step); the CLIP takes about 11 minutes, the prior 7, the
+upsampler 10. The shipped weights: CLIP and prior from a run of this recipe on an H100, the decoder and the
+upsampler from these configs on the 2-core CPU.
 
 It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
 with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
@@ -54,10 +55,13 @@ DECODER = dict(_class_name="UNet2DConditionModel", sample_size=DECODER_SIZE, in_
                up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
                mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=32, cross_attention_dim=64,
                class_embed_type="identity", resnet_time_scale_shift="scale_shift", norm_num_groups=8, dropout=0.0)
+# The upsampler was channels 32, 64 (26 GFLOP per step at batch 16: 34 minutes on 2 CPU cores); at 16, 32 it is 6.7
+# GFLOP and 10 minutes, and its 32 -> 64 px outputs of real renders pass every pixel check all the same (PSNR 31.7
+# dB against the 64 px renders, 34.2 for the wide one; see the README's demo section).
 SUPER_RES = dict(_class_name="UNet2DModel", sample_size=IMAGE_SIZE, in_channels=6, out_channels=3,
-                 block_out_channels=[32, 64], layers_per_block=1,
+                 block_out_channels=[16, 32], layers_per_block=1,
                  down_block_types=["ResnetDownsampleBlock2D"] * 2, up_block_types=["ResnetUpsampleBlock2D"] * 2,
-                 mid_block_type="UNetMidBlock2D", add_attention=False, attention_head_dim=None, norm_num_groups=16,
+                 mid_block_type="UNetMidBlock2D", add_attention=False, attention_head_dim=None, norm_num_groups=8,
                  resnet_time_scale_shift="scale_shift")
 
 # Steps and batches. The decoder's fit about an hour on 2 CPU cores (its channels were halved from 32, 64, 64 for
