@@ -301,9 +301,13 @@ def test_batch_is_split_over_8_devices_with_the_same_images(stack, pipe, tmp_pat
         assert len(out.images.sharding.device_set) == 8, out.images.sharding
         # Sharded and unsharded programs round differently (batch 2 vs 8 per matmul); the sampler's first
         # step multiplies rounding by 1/sqrt(abar_999) = 2e4 where x0 is not clipped (see test_text_to_image_
-        # matches_diffusers), so a few values and their neighbours differ; everything else agrees to 1e-5.
+        # matches_diffusers), so a few values of an image and, through the upsampler, their neighbours differ
+        # (how many depends on the CPU's instruction set: 12% of one image's values by 1e-5 to 2e-2 on one
+        # machine, none on another). A sharding error (another row's noise, embeddings or prompt) moves whole
+        # images by ~0.1 on average; here every image's mean error stays under 1e-4.
         err = np.abs(np.asarray(out.images) - np.load({str(tmp_path / "expected.npy")!r}))
-        assert (err < 1e-5).mean() > 0.99 and err.max() < 0.05, (err.max(), (err < 1e-5).mean())
+        per_image = err.mean(axis=(1, 2, 3))
+        assert per_image.max() < 1e-4 and np.median(err) < 1e-6 and err.max() < 0.05, (per_image, err.max())
         print("OK")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
