@@ -378,7 +378,7 @@ def test_fewer_than_two_steps_is_refused(n):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("beta_schedule", "linear"), ("variance_type", "learned"), ("prediction_type", "v_prediction"),
+    ("beta_schedule", "linear"), ("variance_type", "learned"), ("prediction_type", "v"),
     ("clip_sample_range", -1.0), ("beta_start", 0.0001), ("thresholding", True),
 ])
 def test_unsupported_diffusers_config_is_refused_by_name(key, value):
@@ -405,3 +405,78 @@ def test_learned_range_without_variance_channels_names_the_expected_shape():
         step(create_state(SUPER_RES), SUPER_RES, np.zeros((2, 8, 8, 6)), 999, 957, x, x)
     with pytest.raises(ValueError, match=re.escape("expected (2, 8, 8, 3) or (2, 8, 8, 6)")):
         ddim_step(state, DECODER, np.zeros((2, 8, 8, 5)), 999, 957, x, x, 0.0)
+
+
+# ---------------------------------------------------------------------------- v prediction (ours, not diffusers')
+
+
+V_DECODER = dataclasses.replace(DECODER, prediction_type="v_prediction")
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_v_prediction_steps_as_the_x0_and_eps_it_stands_for(clip):
+    """diffusers' UnCLIPScheduler has no v_prediction; its meaning is fixed by the identities
+    v = sqrt(abar) eps - sqrt(1 - abar) x0 and x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: a v model steps, DDIM-steps
+    and inverts exactly as the "sample" and "epsilon" models that predict the same x0 and eps."""
+    config = dataclasses.replace(V_DECODER, clip_sample=clip)
+    state, rng = create_state(config), np.random.default_rng(21)
+    shape = (4, 8, 8, 3)
+    x0 = rng.uniform(-1.5 if clip else -0.9, 1.5 if clip else 0.9, shape).astype(np.float32)
+    eps = rng.standard_normal(shape).astype(np.float32)
+    var = rng.uniform(-1, 1, shape).astype(np.float32)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    t = np.array([999, 700, 300, 20], np.int32)
+    prev = np.array([957, 650, 250, 0], np.int32)
+    abar = np.asarray(create_state(config).alphas_cumprod)[t][:, None, None, None]
+    x_t = np.asarray(q_sample(state, x0, t, eps))
+    v = (np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0).astype(np.float32)
+    as_x0 = dataclasses.replace(config, prediction_type="sample")
+    as_eps = dataclasses.replace(config, prediction_type="epsilon")
+    cat = lambda p: np.concatenate([p, var], -1)
+    assert_close(predict_x0(state, config, v, t, x_t, clip=False), x0, tol=2e-5, what="x0 from v")
+    assert_close(step(state, config, cat(v), t, prev, x_t, noise), step(state, as_x0, cat(x0), t, prev, x_t, noise),
+                 tol=2e-5, what="ancestral step")
+    assert_close(ddim_step(state, config, v, t, prev, x_t, noise, 0.5),
+                 ddim_step(state, as_eps if not clip else as_x0, eps if not clip else x0, t, prev, x_t, noise, 0.5),
+                 tol=1e-4, what="DDIM step")
+    # inversion evaluates the model at (x_t, prev): the v there of the eps model's prediction eps
+    abar_p = np.asarray(state.alphas_cumprod)[prev][:, None, None, None]
+    x0_p = (x_t - np.sqrt(1 - abar_p) * eps) / np.sqrt(abar_p)
+    v_p = (np.sqrt(abar_p) * eps - np.sqrt(1 - abar_p) * x0_p).astype(np.float32)
+    assert_close(ddim_invert_step(state, config, v_p, prev, t, x_t),
+                 ddim_invert_step(state, as_eps, eps, prev, t, x_t), tol=1e-4, what="DDIM inversion")
+
+
+def test_v_prediction_at_the_ends_of_the_schedule_is_well_conditioned():
+    """What v_prediction is for: at t = 999 the x0 of an eps model divides its error by sqrt(abar) ~ 5e-5, and
+    at t = 0 an x0 model must reproduce x_t's edges itself; a v model's x0 error is its own error times
+    sqrt(1 - abar) <= 1 everywhere."""
+    state = create_state(V_DECODER)
+    rng = np.random.default_rng(3)
+    x_t = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    err = 1e-3 * rng.standard_normal(x_t.shape).astype(np.float32)
+    for t in (0, 500, 999):
+        v = rng.standard_normal(x_t.shape).astype(np.float32)
+        moved = predict_x0(state, V_DECODER, v + err, t, x_t, clip=False) - predict_x0(state, V_DECODER, v, t, x_t,
+                                                                                      clip=False)
+        assert float(jnp.max(jnp.abs(moved))) <= float(np.max(np.abs(err))) * 1.0001
+        eps_moved = (predict_x0(state, DECODER, v + err, t, x_t, clip=False)
+                     - predict_x0(state, DECODER, v, t, x_t, clip=False))
+        if t == 999:
+            assert float(jnp.max(jnp.abs(eps_moved))) > 100 * float(np.max(np.abs(err)))
+
+
+def test_v_prediction_round_trips_through_ddim_and_its_config():
+    state, rng = create_state(V_DECODER), np.random.default_rng(8)
+    x0 = rng.uniform(-0.5, 0.5, (2, 8, 8, 3)).astype(np.float32)
+    eps = rng.standard_normal(x0.shape).astype(np.float32)
+    for t, prev in zip(*step_pairs(25)):
+        if prev < 0:
+            continue
+        v_at = lambda s: np.float32(np.sqrt(np.asarray(state.alphas_cumprod)[s])) * eps - np.float32(
+            np.sqrt(1 - np.asarray(state.alphas_cumprod)[s])) * x0   # the v of (x0, eps) at step s
+        x_t = q_sample(state, x0, t, eps)
+        x_prev = ddim_step(state, V_DECODER, v_at(t), t, prev, x_t, None, 0.0)
+        assert_close(ddim_invert_step(state, V_DECODER, v_at(prev), prev, t, x_prev), x_t, tol=1e-5,
+                     what=f"{t} -> {prev}")
+    assert SchedulerConfig.from_diffusers({"_class_name": "UnCLIPScheduler", **V_DECODER.to_diffusers()}) == V_DECODER

@@ -159,8 +159,8 @@ def test_config_errors_name_the_key():
 def test_config_checks_the_prediction_type():
     from unclip_jax.training import config_lib
     c = tiny_config("decoder")
-    c.prediction_type = "v_prediction"
-    with pytest.raises(ValueError, match="prediction_type='v_prediction'; expected epsilon"):
+    c.prediction_type = "v"
+    with pytest.raises(ValueError, match="prediction_type='v'; expected epsilon"):
         config_lib.check(c)
     c = tiny_config("upsampler")
     c.prediction_type = "sample"
@@ -168,15 +168,16 @@ def test_config_checks_the_prediction_type():
         config_lib.check(c)
 
 
-def test_decoder_stage_samples_and_exports_with_its_prediction_type(tmp_path):
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_decoder_stage_samples_and_exports_with_its_prediction_type(tmp_path, prediction_type):
     import jax
 
     from unclip_jax.diffusion import scheduler as sch
     from unclip_jax.training import stages
     c = tiny_config("decoder")
-    c.prediction_type = "sample"
+    c.prediction_type = prediction_type
     stage = stages.build_stage(c)
-    assert stage.scheduler.prediction_type == "sample" and stage.loss_config.prediction_type == "sample"
+    assert stage.scheduler.prediction_type == prediction_type == stage.loss_config.prediction_type
     stage.export(stages.init_trained(stage, jax.random.key(0)), tmp_path)
     written = json.loads((tmp_path / "decoder_scheduler" / "scheduler_config.json").read_text())
     assert sch.SchedulerConfig.from_diffusers(written) == stage.scheduler
@@ -193,10 +194,10 @@ class _Stub:
         return self.fn(*args)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_decoder_loss_targets_what_the_model_predicts(prediction_type):
-    """A decoder that returns exactly the target of its prediction type (the noise, or x0) has zero MSE; the
-    other type's target is far from it. The variance channels are the true posterior's (v = -1 at t > 0)."""
+    """A decoder that returns exactly the target of its prediction type (the noise, x0, or v = sqrt(abar) eps -
+    sqrt(1 - abar) x0) has zero MSE and the true posterior's L_vlb; another type's target is far from it. The variance channels are the true posterior's (v = -1 at t > 0)."""
     import jax
     import jax.numpy as jnp
 
@@ -215,7 +216,8 @@ def test_decoder_loss_targets_what_the_model_predicts(prediction_type):
     def model(kind):
         def fn(x_t, t):
             abar = sch.alpha_bar(sched, t)[:, None, None, None]
-            pred = x0 if kind == "sample" else (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+            eps = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+            pred = {"sample": x0, "epsilon": eps, "v_prediction": jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * x0}[kind]
             return jnp.concatenate([pred, -jnp.ones_like(x_t)], axis=-1)
         return _Stub(fn)
 
@@ -227,14 +229,15 @@ def test_decoder_loss_targets_what_the_model_predicts(prediction_type):
 
     right = loss(prediction_type, prediction_type)
     assert right["mse"] < 1e-5 and abs(right["vb"]) < 1e-3
-    other = "sample" if prediction_type == "epsilon" else "epsilon"
-    assert loss(other, prediction_type)["mse"] > 0.1
+    for other in {"epsilon", "sample", "v_prediction"} - {prediction_type}:
+        assert loss(other, prediction_type)["mse"] > 0.1
 
 
-def test_clipped_snr_weighting_weighs_the_x0_error_alike_for_both_prediction_types():
+def test_clipped_snr_weighting_weighs_the_x0_error_alike_for_every_prediction_type():
     """loss_weighting="clipped_snr": a decoder whose x0 estimate is off by delta_i (per example) has the weighted
-    MSE mean_i(delta_i^2 clip(SNR_t_i, 1, gamma)), whether it predicts x0 or the equivalent noise; "none" gives
-    the plain MSE of the prediction type instead (delta^2, or SNR delta^2 for the noise)."""
+    MSE mean_i(delta_i^2 clip(SNR_t_i, 1, gamma)), whether it predicts x0, the equivalent noise or v; "none"
+    gives the plain MSE of the prediction type instead (delta^2, SNR delta^2 for the noise, (SNR + 1) delta^2
+    for v)."""
     import jax
     import jax.numpy as jnp
 
@@ -257,7 +260,8 @@ def test_clipped_snr_weighting_weighs_the_x0_error_alike_for_both_prediction_typ
             seen.append(np.asarray(t))
             abar = sch.alpha_bar(sched, t)[:, None, None, None]
             wrong = x0 + delta
-            pred = wrong if kind == "sample" else (x_t - jnp.sqrt(abar) * wrong) / jnp.sqrt(1 - abar)
+            eps = (x_t - jnp.sqrt(abar) * wrong) / jnp.sqrt(1 - abar)
+            pred = {"sample": wrong, "epsilon": eps, "v_prediction": jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * wrong}[kind]
             return jnp.concatenate([pred, -jnp.ones_like(x_t)], axis=-1)
         return _Stub(fn)
 
@@ -270,6 +274,7 @@ def test_clipped_snr_weighting_weighs_the_x0_error_alike_for_both_prediction_typ
 
     x0_loss = parts("sample", "clipped_snr")
     eps_loss = parts("epsilon", "clipped_snr")
+    v_loss = parts("v_prediction", "clipped_snr")
     t = seen[-1]
     abar = np.asarray(sched.alphas_cumprod, np.float64)[t]
     snr = abar / (1 - abar)
@@ -280,6 +285,8 @@ def test_clipped_snr_weighting_weighs_the_x0_error_alike_for_both_prediction_typ
     np.testing.assert_allclose(eps_loss["weighted_mse"], expected, rtol=1e-3)
     np.testing.assert_allclose(x0_loss["mse"], np.mean(d2), rtol=1e-4)
     np.testing.assert_allclose(eps_loss["mse"], np.mean(d2 * snr), rtol=1e-3)
+    np.testing.assert_allclose(v_loss["weighted_mse"], expected, rtol=1e-3)
+    np.testing.assert_allclose(v_loss["mse"], np.mean(d2 * (snr + 1)), rtol=1e-3)
     plain = parts("sample", "none")
     assert "weighted_mse" not in plain and abs(plain["mse"] - x0_loss["mse"]) < 1e-7
 

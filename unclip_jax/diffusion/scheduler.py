@@ -35,11 +35,13 @@ __all__ = [
     "discretized_gaussian_log_likelihood", "learned_range_log_variance", "vb_loss",
 ]
 
-# The options diffusers' UnCLIPScheduler implements; anything else would silently mean something else.
+# The options diffusers' UnCLIPScheduler implements, plus "v_prediction" (this project's: the name and meaning
+# diffusers' DDPMScheduler gives it; UnCLIPScheduler cannot sample such a model); anything else would silently
+# mean something else.
 _SUPPORTED = {
     "beta_schedule": ("squaredcos_cap_v2",),
     "variance_type": ("fixed_small_log", "learned_range"),
-    "prediction_type": ("epsilon", "sample"),
+    "prediction_type": ("epsilon", "sample", "v_prediction"),
 }
 
 
@@ -52,7 +54,10 @@ class SchedulerConfig:
 
     variance_type: "fixed_small_log" (posterior variance, Ho et al. 2020 eq. 7) or "learned_range"
         (the model's v interpolates log beta and log posterior variance, Nichol & Dhariwal eq. 15).
-    prediction_type: "epsilon" (the model predicts the noise) or "sample" (it predicts x0).
+    prediction_type: "epsilon" (the model predicts the noise), "sample" (it predicts x0) or "v_prediction" (it
+        predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, Salimans & Ho 2022: x0 = sqrt(abar_t) x_t -
+        sqrt(1 - abar_t) v takes x_t as it is at low noise and v as x0 at high noise; not in diffusers'
+        UnCLIPScheduler, whose two options each leave the small model one end to learn the hard way).
     clip_sample, clip_sample_range: clamp the predicted x0 to +-range before stepping.
     """
 
@@ -223,7 +228,12 @@ def _x0_from_eps(abar_t, sample, eps):
 
 
 def _x0_from(config, out, abar_t, sample, clip: bool):
-    x0 = _x0_from_eps(abar_t, sample, out) if config.prediction_type == "epsilon" else out
+    if config.prediction_type == "epsilon":
+        x0 = _x0_from_eps(abar_t, sample, out)
+    elif config.prediction_type == "v_prediction":
+        x0 = _bcast(jnp.sqrt(abar_t), sample) * sample - _bcast(jnp.sqrt(1 - abar_t), sample) * out
+    else:
+        x0 = out
     if clip:
         x0 = jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
     return x0
@@ -231,6 +241,16 @@ def _x0_from(config, out, abar_t, sample, clip: bool):
 
 def _eps_from_x0(abar_t, sample, x0):
     return (sample - _bcast(jnp.sqrt(abar_t), sample) * x0) / _bcast(jnp.sqrt(1 - abar_t), sample)
+
+
+def _eps_from(config, out, abar_t, sample, x0_raw):
+    """The model's eps: its output ("epsilon"), from v without dividing ("v_prediction": eps = sqrt(abar_t) v
+    + sqrt(1 - abar_t) x_t), or from its unclipped x0 ("sample")."""
+    if config.prediction_type == "epsilon":
+        return out
+    if config.prediction_type == "v_prediction":
+        return _bcast(jnp.sqrt(abar_t), sample) * out + _bcast(jnp.sqrt(1 - abar_t), sample) * sample
+    return _eps_from_x0(abar_t, sample, x0_raw)
 
 
 def predict_x0(state: SchedulerState, config: SchedulerConfig, model_output, t, sample, clip: bool | None = None):
@@ -250,7 +270,7 @@ def step(state: SchedulerState, config: SchedulerConfig, model_output, t, prev_t
 
     Exactly diffusers' UnCLIPScheduler.step(model_output, t, sample, prev_timestep=prev_t):
       beta = betas[t] if prev_t == t - 1 else 1 - abar_t / abar_prev   (abar_prev = 1 for prev_t < 0)
-      x0 from eps or directly, clipped; mean = posterior mean of q(x_prev | x_t, x0);
+      x0 from eps, from v or directly, clipped; mean = posterior mean of q(x_prev | x_t, x0);
       std = sqrt(posterior variance) (fixed_small_log) or exp(log var / 2), log var = frac log beta
       + (1 - frac) log posterior variance, frac = (v + 1) / 2 (learned_range); noise only when t > 0.
 
@@ -308,7 +328,7 @@ def ddim_step(state: SchedulerState, config: SchedulerConfig, model_output, t, p
 
       x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise,  sigma = ddim_sigma(eta).
 
-    x0 is clipped as in `step`. eps is the model's for "epsilon" and derived from x0 for "sample"; with
+    x0 is clipped as in `step`. eps is the model's for "epsilon", from v for "v_prediction" and from x0 for "sample"; with
     `use_clipped_model_output` (static) eps is re-derived from the clipped x0 in both cases, as
     guided-diffusion / Karlo's ddim_sample do (diffusers' default is False, as here).
     Learned-range v channels, if present, are ignored. eta is traced (scalar or (B,)); noise may be None
@@ -323,10 +343,8 @@ def ddim_step(state: SchedulerState, config: SchedulerConfig, model_output, t, p
     x0 = _x0_from(config, out, abar_t, sample, clip=config.clip_sample)
     if use_clipped_model_output:
         eps = _eps_from_x0(abar_t, sample, x0)
-    elif config.prediction_type == "epsilon":
-        eps = out
     else:
-        eps = _eps_from_x0(abar_t, sample, x0_raw)
+        eps = _eps_from(config, out, abar_t, sample, x0_raw)
 
     sigma = ddim_sigma(state, t, prev_t, eta)
     # eta > 1 (or rounding at eta = 1) can push the direction term's variance below 0.
@@ -355,7 +373,7 @@ def ddim_invert_step(state: SchedulerState, config: SchedulerConfig, model_outpu
     out, _ = _split(config, model_output, sample, need_variance=False)
     abar_t, abar_next = alpha_bar(state, t), alpha_bar(state, next_t)
     x0 = _x0_from(config, out, abar_t, sample, clip=clip)
-    eps = out if config.prediction_type == "epsilon" else _eps_from_x0(abar_t, sample, x0)
+    eps = _eps_from(config, out, abar_t, sample, x0)
     return _bcast(jnp.sqrt(abar_next), sample) * x0 + _bcast(jnp.sqrt(1 - abar_next), sample) * eps
 
 

@@ -60,6 +60,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
     c.vb_weight = 0.001                 # decoder: hybrid loss L_simple + vb_weight * L_vlb (Improved DDPM)
     c.prediction_type = "epsilon"       # decoder: epsilon (Karlo's) | sample (x0: the MSE weighs every noise level
                                         # alike, so small models learn the colours and layout the embedding gives)
+                                        # | v_prediction (v: x0 at high noise, x_t's own edges kept at low noise)
     c.loss_weighting = "none"           # decoder: none (the plain MSE of prediction_type) | clipped_snr (the x0
     c.snr_gamma = 5.0                   # error weighted by clip(SNR_t, 1, snr_gamma): no high noise level below
                                         # x0's weight, the low ones up to snr_gamma times it, where shapes' edges are)
@@ -133,8 +134,9 @@ def check(c: ml_collections.ConfigDict) -> None:
     need(c.on_nonfinite in ("skip", "stop"), f"on_nonfinite={c.on_nonfinite!r}; expected skip or stop")
     need(c.compute_dtype in ("bfloat16", "float32", "float16"), f"compute_dtype={c.compute_dtype!r}")
     need(c.degradation in ("blur", "bsr", "none"), f"degradation={c.degradation!r}; expected blur, bsr or none")
-    need(c.prediction_type in ("epsilon", "sample"), f"prediction_type={c.prediction_type!r}; expected epsilon "
-         "(the model predicts the noise) or sample (it predicts x0)")
+    need(c.prediction_type in ("epsilon", "sample", "v_prediction"), f"prediction_type={c.prediction_type!r}; "
+         "expected epsilon (the model predicts the noise), sample (it predicts x0) or v_prediction (it predicts "
+         "v = sqrt(abar) eps - sqrt(1 - abar) x0)")
     need(c.prediction_type == "epsilon" or c.stage == "decoder", f"prediction_type={c.prediction_type!r} is a "
          f"decoder setting; the {c.stage} stage's objective is fixed (prior: x0, upsamplers: the noise)")
     need(c.loss_weighting in ("none", "clipped_snr"), f"loss_weighting={c.loss_weighting!r}; expected none or "

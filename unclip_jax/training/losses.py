@@ -91,7 +91,9 @@ def prior_loss(prior, params: Params, text: TextConditioning, image_embeds, key,
 def decoder_loss(decoder, text_proj, params: Params, images, image_embeds, text: TextConditioning, key, *, sched,
                  cfg: LossConfig, null_text: TextConditioning):
     """L_hybrid = ||eps - eps_theta||^2 + vb_weight * L_vlb (Nichol & Dhariwal 2021, 3.1), paper 2.1's decoder;
-    with cfg.prediction_type "sample" the MSE is ||x0 - x0_theta||^2 (the model predicts x0; L_vlb alike).
+    with cfg.prediction_type "sample" the MSE is ||x0 - x0_theta||^2 (the model predicts x0; L_vlb alike), with
+    "v_prediction" ||v - v_theta||^2, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022; in x0 terms
+    the x0 error weighted by SNR_t + 1), L_vlb's mean from the x0 it implies.
 
     cfg.loss_weighting "clipped_snr" weighs each example's error, in x0 terms, by clip(SNR_t, 1, snr_gamma) where
     SNR_t = abar_t / (1 - abar_t): the eps MSE is the x0 MSE times SNR_t, so it neglects the high noise levels
@@ -129,6 +131,11 @@ def decoder_loss(decoder, text_proj, params: Params, images, image_embeds, text:
     if cfg.prediction_type == "sample":
         per_example = jnp.mean((pred - x0) ** 2, axis=(1, 2, 3))
         vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, None, v, x0_pred=pred))
+    elif cfg.prediction_type == "v_prediction":
+        abar = sch.alpha_bar(sched, t).astype(jnp.float32)[:, None, None, None]
+        target = jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
+        per_example = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
+        vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, None, v, x0_pred=jnp.sqrt(abar) * x_t - jnp.sqrt(1 - abar) * pred))
     else:
         per_example = jnp.mean((pred - noise) ** 2, axis=(1, 2, 3))
         vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, pred, v))
@@ -141,10 +148,13 @@ def decoder_loss(decoder, text_proj, params: Params, images, image_embeds, text:
 
 def snr_weights(sched: sch.SchedulerState, t, cfg: LossConfig) -> jax.Array:
     """(B,) multipliers of the per-example MSE for cfg.loss_weighting "clipped_snr": clip(SNR_t, 1, snr_gamma) on
-    the x0 error, i.e. that over SNR_t on the eps error (eps error = SNR_t x0 error), float32."""
+    the x0 error, i.e. that over SNR_t on the eps error (eps error = SNR_t x0 error) and over SNR_t + 1 on the
+    v error, float32."""
     abar = sch.alpha_bar(sched, t).astype(jnp.float32)
     snr = abar / (1.0 - abar)
     w = jnp.clip(snr, 1.0, cfg.snr_gamma)
+    if cfg.prediction_type == "v_prediction":   # v error^2 = (SNR_t + 1) x0 error^2
+        return w / (snr + 1.0)
     return w if cfg.prediction_type == "sample" else w / snr
 
 
