@@ -6,8 +6,8 @@ whatever an earlier run left in the workdir:
 
 On an idle 2-core CPU the recipe takes an hour and a half (session 7's CPU) or 55 minutes (session 9's, a faster
 one; BENCHMARKS.md), most of it the decoder's 5000 x 16 steps (34-60 minutes: 1.3-3 steps/s, 12.7 GFLOP per step);
-the CLIP takes 9-11 minutes, the prior 6-7, the upsampler 6-10. The shipped weights: CLIP and prior from a run of this recipe on an H100, the decoder and the
-upsampler from these configs on the 2-core CPU.
+the CLIP takes 9-11 minutes, the prior 6-7, the upsampler 6-10. The shipped weights: CLIP and prior from a run
+of this recipe on an H100, the decoder and the upsampler from these configs on the 2-core CPU.
 
 It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
 with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it

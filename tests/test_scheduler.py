@@ -16,7 +16,7 @@ from parity import assert_close, nchw, nhwc
 from unclip_jax.diffusion import (
     DECODER, PRIOR, SUPER_RES, SchedulerConfig, create_state, ddim_invert_step, ddim_sigma, ddim_step,
     discretized_gaussian_log_likelihood, learned_range_log_variance, normal_kl, posterior_mean_variance,
-    predict_x0, q_sample, step, step_pairs, timesteps, vb_loss,
+    predict_x0, q_sample, step, step_pairs, timesteps, vb_loss, velocity, x0_from_velocity,
 )
 
 # stage -> (config, sample shape, model-output channels). The prior is flat (B, 768); images are NHWC.
@@ -427,7 +427,7 @@ def test_v_prediction_steps_as_the_x0_and_eps_it_stands_for(clip):
     noise = rng.standard_normal(shape).astype(np.float32)
     t = np.array([999, 700, 300, 20], np.int32)
     prev = np.array([957, 650, 250, 0], np.int32)
-    abar = np.asarray(create_state(config).alphas_cumprod)[t][:, None, None, None]
+    abar = np.asarray(state.alphas_cumprod)[t][:, None, None, None]
     x_t = np.asarray(q_sample(state, x0, t, eps))
     v = (np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0).astype(np.float32)
     as_x0 = dataclasses.replace(config, prediction_type="sample")
@@ -460,9 +460,9 @@ def test_v_prediction_at_the_ends_of_the_schedule_is_well_conditioned():
         moved = predict_x0(state, V_DECODER, v + err, t, x_t, clip=False) - predict_x0(state, V_DECODER, v, t, x_t,
                                                                                       clip=False)
         assert float(jnp.max(jnp.abs(moved))) <= float(np.max(np.abs(err))) * 1.0001
-        eps_moved = (predict_x0(state, DECODER, v + err, t, x_t, clip=False)
-                     - predict_x0(state, DECODER, v, t, x_t, clip=False))
-        if t == 999:
+        if t == 999:   # the same output read as an eps model's
+            eps_moved = (predict_x0(state, DECODER, v + err, t, x_t, clip=False)
+                         - predict_x0(state, DECODER, v, t, x_t, clip=False))
             assert float(jnp.max(jnp.abs(eps_moved))) > 100 * float(np.max(np.abs(err)))
 
 
@@ -480,3 +480,19 @@ def test_v_prediction_round_trips_through_ddim_and_its_config():
         assert_close(ddim_invert_step(state, V_DECODER, v_at(prev), prev, t, x_prev), x_t, tol=1e-5,
                      what=f"{t} -> {prev}")
     assert SchedulerConfig.from_diffusers({"_class_name": "UnCLIPScheduler", **V_DECODER.to_diffusers()}) == V_DECODER
+
+
+def test_velocity_is_the_v_target_and_x0_from_velocity_inverts_it():
+    """The training target of a v model and the x0 it implies: velocity = sqrt(abar) noise - sqrt(1 - abar) x0
+    per example, and x0_from_velocity(x_t, velocity) = x0 = predict_x0 of a v_prediction config, unclipped."""
+    state, rng = create_state(V_DECODER), np.random.default_rng(5)
+    x0 = rng.uniform(-1.4, 1.4, (3, 4, 4, 3)).astype(np.float32)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    t = np.array([0, 480, 999], np.int32)
+    abar = np.asarray(state.alphas_cumprod, np.float64)[t][:, None, None, None]
+    v = velocity(state, x0, t, noise)
+    assert_close(v, np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0, tol=1e-6, what="velocity")
+    x_t = q_sample(state, x0, t, noise)
+    assert_close(x0_from_velocity(state, x_t, t, v), x0, tol=2e-5, what="x0 from velocity")
+    assert_close(x0_from_velocity(state, x_t, t, v), predict_x0(state, V_DECODER, v, t, x_t, clip=False), tol=0,
+                 what="as predict_x0")

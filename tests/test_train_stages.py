@@ -197,7 +197,8 @@ class _Stub:
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_decoder_loss_targets_what_the_model_predicts(prediction_type):
     """A decoder that returns exactly the target of its prediction type (the noise, x0, or v = sqrt(abar) eps -
-    sqrt(1 - abar) x0) has zero MSE and the true posterior's L_vlb; another type's target is far from it. The variance channels are the true posterior's (v = -1 at t > 0)."""
+    sqrt(1 - abar) x0) has zero MSE and the true posterior's L_vlb; another type's target is far from it. The
+    variance channels are the true posterior's (v = -1 at t > 0)."""
     import jax
     import jax.numpy as jnp
 
@@ -217,7 +218,8 @@ def test_decoder_loss_targets_what_the_model_predicts(prediction_type):
         def fn(x_t, t):
             abar = sch.alpha_bar(sched, t)[:, None, None, None]
             eps = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-            pred = {"sample": x0, "epsilon": eps, "v_prediction": jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * x0}[kind]
+            v = jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * x0
+            pred = {"sample": x0, "epsilon": eps, "v_prediction": v}[kind]
             return jnp.concatenate([pred, -jnp.ones_like(x_t)], axis=-1)
         return _Stub(fn)
 
@@ -261,7 +263,8 @@ def test_clipped_snr_weighting_weighs_the_x0_error_alike_for_every_prediction_ty
             abar = sch.alpha_bar(sched, t)[:, None, None, None]
             wrong = x0 + delta
             eps = (x_t - jnp.sqrt(abar) * wrong) / jnp.sqrt(1 - abar)
-            pred = {"sample": wrong, "epsilon": eps, "v_prediction": jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * wrong}[kind]
+            v = jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * wrong
+            pred = {"sample": wrong, "epsilon": eps, "v_prediction": v}[kind]
             return jnp.concatenate([pred, -jnp.ones_like(x_t)], axis=-1)
         return _Stub(fn)
 

@@ -30,8 +30,8 @@ import numpy as np
 
 __all__ = [
     "SchedulerConfig", "SchedulerState", "PRIOR", "DECODER", "SUPER_RES", "create_state",
-    "timesteps", "step_pairs", "alpha_bar", "predict_x0", "step", "ddim_sigma", "ddim_step",
-    "ddim_invert_step", "q_sample", "posterior_mean_variance", "normal_kl",
+    "timesteps", "step_pairs", "alpha_bar", "predict_x0", "velocity", "x0_from_velocity", "step", "ddim_sigma",
+    "ddim_step", "ddim_invert_step", "q_sample", "posterior_mean_variance", "normal_kl",
     "discretized_gaussian_log_likelihood", "learned_range_log_variance", "vb_loss",
 ]
 
@@ -231,12 +231,17 @@ def _x0_from(config, out, abar_t, sample, clip: bool):
     if config.prediction_type == "epsilon":
         x0 = _x0_from_eps(abar_t, sample, out)
     elif config.prediction_type == "v_prediction":
-        x0 = _bcast(jnp.sqrt(abar_t), sample) * sample - _bcast(jnp.sqrt(1 - abar_t), sample) * out
+        x0 = _x0_from_v(abar_t, sample, out)
     else:
         x0 = out
     if clip:
         x0 = jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
     return x0
+
+
+def _x0_from_v(abar_t, sample, v):
+    # Salimans & Ho 2022: x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (no division at either end).
+    return _bcast(jnp.sqrt(abar_t), sample) * sample - _bcast(jnp.sqrt(1 - abar_t), sample) * v
 
 
 def _eps_from_x0(abar_t, sample, x0):
@@ -328,8 +333,8 @@ def ddim_step(state: SchedulerState, config: SchedulerConfig, model_output, t, p
 
       x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise,  sigma = ddim_sigma(eta).
 
-    x0 is clipped as in `step`. eps is the model's for "epsilon", from v for "v_prediction" and from x0 for "sample"; with
-    `use_clipped_model_output` (static) eps is re-derived from the clipped x0 in both cases, as
+    x0 is clipped as in `step`. eps is the model's for "epsilon", from v for "v_prediction" and from x0 for
+    "sample"; with `use_clipped_model_output` (static) eps is re-derived from the clipped x0 in both cases, as
     guided-diffusion / Karlo's ddim_sample do (diffusers' default is False, as here).
     Learned-range v channels, if present, are ignored. eta is traced (scalar or (B,)); noise may be None
     for eta = 0. Returns float32 of sample's shape.
@@ -378,6 +383,20 @@ def ddim_invert_step(state: SchedulerState, config: SchedulerConfig, model_outpu
 
 
 # ------------------------------------------------------------------ training (full 1000-step schedule)
+
+
+def velocity(state: SchedulerState, x0, t, noise) -> jax.Array:
+    """The v target of x_t = q_sample(state, x0, t, noise): sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (what a
+    "v_prediction" model predicts). x0, noise: (B, ...); t: (B,) or scalar. Returns float32 (B, ...)."""
+    x0 = jnp.asarray(x0, jnp.float32)
+    abar = alpha_bar(state, _timestep(t, "t", x0))
+    return _bcast(jnp.sqrt(abar), x0) * jnp.asarray(noise, jnp.float32) - _bcast(jnp.sqrt(1 - abar), x0) * x0
+
+
+def x0_from_velocity(state: SchedulerState, x_t, t, v) -> jax.Array:
+    """The x0 a "v_prediction" model's v implies at (x_t, t), unclipped, float32 (as predict_x0 with clip=False)."""
+    x_t = jnp.asarray(x_t, jnp.float32)
+    return _x0_from_v(alpha_bar(state, _timestep(t, "t", x_t)), x_t, jnp.asarray(v, jnp.float32))
 
 
 def q_sample(state: SchedulerState, x0, t, noise) -> jax.Array:

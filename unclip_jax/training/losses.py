@@ -132,10 +132,8 @@ def decoder_loss(decoder, text_proj, params: Params, images, image_embeds, text:
         per_example = jnp.mean((pred - x0) ** 2, axis=(1, 2, 3))
         vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, None, v, x0_pred=pred))
     elif cfg.prediction_type == "v_prediction":
-        abar = sch.alpha_bar(sched, t).astype(jnp.float32)[:, None, None, None]
-        target = jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
-        per_example = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
-        vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, None, v, x0_pred=jnp.sqrt(abar) * x_t - jnp.sqrt(1 - abar) * pred))
+        per_example = jnp.mean((pred - sch.velocity(sched, x0, t, noise)) ** 2, axis=(1, 2, 3))
+        vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, None, v, x0_pred=sch.x0_from_velocity(sched, x_t, t, pred)))
     else:
         per_example = jnp.mean((pred - noise) ** 2, axis=(1, 2, 3))
         vb = jnp.mean(sch.vb_loss(sched, x0, x_t, t, pred, v))
