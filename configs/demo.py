@@ -7,7 +7,14 @@ whatever an earlier run left in the workdir:
 On an idle 2-core CPU the recipe takes an hour and a half (session 7's CPU) or 55 minutes (session 9's, a faster
 one; BENCHMARKS.md), most of it the decoder's 5000 x 16 steps (34-60 minutes: 1.3-3 steps/s, 12.7 GFLOP per step);
 the CLIP takes 9-11 minutes, the prior 6-7, the upsampler 6-10. The shipped weights: CLIP and prior from a run
-of this recipe on an H100, the decoder and the upsampler from these configs on the 2-core CPU.
+of this recipe on an H100, the upsampler from these configs on the 2-core CPU, and the decoder from these configs
+on the 2-core CPU trained 4x longer (20000 x 16 steps: 5000, then resumed with a new cosine schedule over 20000;
+2 h 10 min on session 9's and 10's CPU), on the shipped CLIP's embeddings:
+
+    python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps data,embed,decoder     # 5000 steps
+    rm -r W/decoder/export     # finished stages are skipped; this one resumes from its step-5000 checkpoint
+    python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder,assemble,evaluate \
+        --set total_steps=20000
 
 It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
 with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
@@ -21,7 +28,7 @@ with the new CLIP between the clip and prior stages, assembles the diffusers fol
 Architectures: Karlo's, small. CLIP: a 2-layer text transformer and a 3-layer ViT (32 px, 4 px patches), width
 and embedding 64. Prior: a 4-layer PriorTransformer over 64-d CLIP embeddings. Decoder: a 32x32
 UNet2DConditionModel (channels 16, 32, 64) with added-KV attention at 16 and 8 px, plus text_proj; it predicts
-x0 (prediction_type "sample", below), not the noise. Upsampler: an attention-free
+v (prediction_type "v_prediction", below), not the noise. Upsampler: an attention-free
 UNet2DModel, 32 -> 64 (2x, blur degradation), trained on 32 px crops as Karlo's on 64 px crops of 256.
 `smoke` (e.g. configs/demo.py:decoder,smoke) cuts every stage to a few steps and small batches, for tests and
 the training notebook.
@@ -132,11 +139,12 @@ def get_config(arg: str = ""):
         c.text_drop = 0.5
         c.image_embed_drop = 0.1
         c.sample_guidance = 3.0
-        # x0 prediction: with epsilon the loss weighs the high noise levels by their tiny signal-to-noise ratio,
-        # and a small decoder trained briefly never learns there which colours and layout the embedding asks
-        # for: its samples came out in colours the data does not have (background correct 0.44 after 2000
-        # steps). diffusers' UnCLIPScheduler samples an x0 model as it is (prediction_type "sample").
-        c.prediction_type = "sample"
+        # v prediction. Epsilon weighs the high noise levels by their tiny signal-to-noise ratio, and a small
+        # decoder trained briefly never learnt there which colours the embedding asks for (background correct
+        # 0.44 after 2000 steps). x0 ("sample") fixed the colours but rounds squares into circles even at low
+        # noise (one-step x0 from t = 50: right shape 0.72); v keeps the image's own edges there (1.00) and learns
+        # the shapes with more steps (README). diffusers' UnCLIPScheduler cannot sample v; unclip_jax can.
+        c.prediction_type = "v_prediction"
     else:  # upsampler: 32 px crops of the 64 px images from 16 px, blurred (Karlo's 64 -> 256 recipe at 2x)
         c.model.super_res_first = SUPER_RES
         c.upsample_factor = 2

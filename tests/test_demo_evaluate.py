@@ -255,9 +255,9 @@ def test_evaluate_end_to_end(tiny, tmp_path, capsys):
 
 
 def test_embedding_use_tells_what_the_shipped_decoder_reads_from_the_embedding():
-    """The demo decoder takes colour from the CLIP embedding and shape from the noisy image only: with another
-    scene's embedding its one-step x0 from t = 800 gets the colour right far less often, the shape as often;
-    at t = 300 the image alone gives the colours away."""
+    """The demo decoder takes colour and shape from the CLIP embedding: with another scene's embedding its
+    one-step x0 from t = 800 gets both right far less often (measured: colour 0.84 -> 0.28, shape 0.69 -> 0.28);
+    at t = 300 the image alone gives the colours away, and the v decoder keeps its shapes (0.97)."""
     import unclip_jax
     from unclip_jax.convert.io import resolve_folder
     from unclip_jax.data.embed import load_towers
@@ -270,8 +270,9 @@ def test_embedding_use_tells_what_the_shipped_decoder_reads_from_the_embedding()
     assert list(checks) == ["t300", "t800"] and all(len(c) == 32 for p in checks.values() for c in p.values())
     probe = {t: {name: ev.pixel_rates(c) for name, c in p.items()} for t, p in checks.items()}
     assert probe["t300"]["true"]["color"] >= 0.9 and probe["t300"]["true"]["background"] == 1.0
+    assert probe["t300"]["true"]["shape"] >= 0.85
     assert probe["t800"]["true"]["color"] - probe["t800"]["swapped"]["color"] >= 0.4
-    assert abs(probe["t800"]["true"]["shape"] - probe["t800"]["swapped"]["shape"]) <= 0.15
+    assert probe["t800"]["true"]["shape"] - probe["t800"]["swapped"]["shape"] >= 0.25
     # a batch size that does not divide the scenes (the last batch padded) gives the same checks; the identity
     # as the swap gives "swapped" = "true"
     a = ev.embedding_use(pipe, real[:20], z[:20], scenes[:20], batch_size=16, timesteps=(800,))
