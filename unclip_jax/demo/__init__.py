@@ -10,7 +10,8 @@
 | `recipe.py` | every step from nothing to the shipped folder (configs/demo.py holds the training configs) |
 | `evaluate.py` | `unclip-jax evaluate`: pixel checks, CLIP R-precision, Frechet distance in the demo CLIP's space |
 
-The model folder (diffusers layout, readable by diffusers too) is `unclip_jax/demo/model/`.
+The model folder (diffusers layout, readable by diffusers too) is `unclip_jax/demo/model/`. Its decoder predicts v
+(decoder_scheduler: v_prediction), which unclip_jax samples and diffusers' UnCLIPScheduler refuses at `step`.
 """
 
 from __future__ import annotations
