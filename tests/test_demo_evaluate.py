@@ -222,6 +222,8 @@ def test_evaluate_end_to_end(tiny, tmp_path, capsys):
                     super_res_steps=2)
     report = ev.evaluate(str(tiny[1]), **settings, decoder_only=True, out=tmp_path / "eval")
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == json.loads(json.dumps(report))
+    # guidance not given: the model's own settings (this folder has no unclip_jax.json, so diffusers')
+    assert (report["settings"]["prior_guidance"], report["settings"]["decoder_guidance"]) == (4.0, 8.0)
     size = 2 * tiny_unclip.SIZE  # the tiny stack's super-res output
     for group, n, cols in (("heldin", 4, 2), ("heldout", 4, 2), ("two_shape", 2, 2)):
         for name in (f"{group}_grid.png", f"{group}_decoded_grid.png"):
