@@ -427,8 +427,7 @@ def check_settings(*, num_heldin: int, num_heldout: int, num_two_shape: int, see
 def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 64, num_two_shape: int = 16,
              seed: int = 0, batch_size: int = 16, prior_steps: int = 25, decoder_steps: int = 16,
              super_res_steps: int = 4, prior_guidance: float | None = None, decoder_guidance: float | None = None,
-             k: int = 32,
-             decoder_only: bool = False, out: str | Path | None = None, progress: bool = True) -> dict:
+             k: int = 32, decoder_only: bool = False, out: str | Path | None = None, progress: bool = True) -> dict:
     """Generates one image per evaluation scene's caption with `model` (a diffusers unCLIP folder with the CLIP
     image tower, "demo" by default) and scores the images; returns the report (see the module doc).
 
