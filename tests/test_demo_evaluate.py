@@ -285,13 +285,29 @@ def test_embedding_use_tells_what_the_shipped_decoder_reads_from_the_embedding()
         ev.embedding_use(pipe, real[:20], z[:19], scenes[:20], batch_size=16)
 
 
+@pytest.mark.filterwarnings("ignore:The following part of your input was truncated")
+def test_generate_best_of_n(tiny):
+    """best_of > 1 draws each batch with the pipeline's best-of-N prior, under the same per-batch keys."""
+    import jax
+    import unclip_jax
+    pipe = unclip_jax.UnCLIPPipeline.from_pretrained(tiny[0])
+    captions = [shapes.caption(s) for s in ev.eval_scenes("heldin", 2)]
+    kw = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
+    best = ev.generate(pipe, captions, batch_size=2, best_of=3, progress=False, **kw)
+    expected = pipe.sample_best_of_n(captions, n=3, rng=jax.random.fold_in(jax.random.key(0), 0), output_type="np",
+                                     **kw).images
+    np.testing.assert_array_equal(best, expected)
+    plain = ev.generate(pipe, captions, batch_size=2, progress=False, **kw)
+    assert best.shape == plain.shape and not np.array_equal(best, plain)
+
+
 def test_evaluate_errors(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="neither an existing folder"):
         ev.evaluate(str(tmp_path / "missing"))
     with pytest.raises(CheckpointError, match="no CLIP image tower"):
         ev.evaluate(str(tiny[0]))
     for bad in (dict(num_heldin=-1), dict(num_heldin=0, num_heldout=0, num_two_shape=0), dict(batch_size=0),
-                dict(k=1), dict(decoder_steps=1)):
+                dict(k=1), dict(decoder_steps=1), dict(best_of=0)):
         with pytest.raises(ValueError):
             ev.evaluate(str(tiny[1]), **bad)
 

@@ -337,13 +337,17 @@ def _batched(call, items, *, batch_size: int, seed: int, progress: bool, desc: s
     return np.concatenate(out)
 
 
-def generate(pipe, captions: list[str], *, batch_size: int, seed: int = 0, progress: bool = True,
+def generate(pipe, captions: list[str], *, batch_size: int, seed: int = 0, progress: bool = True, best_of: int = 1,
              **kwargs) -> np.ndarray:
     """Images (N, H, W, 3) float in [0, 1] for the captions, `batch_size` prompts per pipeline call (the last
-    batch padded: one compiled function), batch b drawn with the key fold_in(key(seed), b). kwargs: the
-    pipeline's sampling arguments (steps, guidance scales)."""
-    return _batched(lambda batch, key: pipe(batch, rng=key, output_type="np", **kwargs).images, captions,
-                    batch_size=batch_size, seed=seed, progress=progress, desc="generating")
+    batch padded: one compiled function), batch b drawn with the key fold_in(key(seed), b). best_of > 1: the
+    paper's best-of-N prior (`sample_best_of_n`). kwargs: the pipeline's sampling arguments (steps, guidance
+    scales)."""
+    if best_of > 1:
+        call = lambda batch, key: pipe.sample_best_of_n(batch, n=best_of, rng=key, output_type="np", **kwargs).images
+    else:
+        call = lambda batch, key: pipe(batch, rng=key, output_type="np", **kwargs).images
+    return _batched(call, captions, batch_size=batch_size, seed=seed, progress=progress, desc="generating")
 
 
 def decode(pipe, image_embeddings: np.ndarray, *, batch_size: int, seed: int = 0, progress: bool = True,
@@ -405,17 +409,17 @@ def embedding_use(pipe, real: list, real_embeds: np.ndarray, scenes: list[Scene]
     return result
 
 
-INT_SETTINGS = ("num_heldin", "num_heldout", "num_two_shape", "seed", "batch_size", "prior_steps", "decoder_steps",
-                "super_res_steps", "k")
+INT_SETTINGS = ("num_heldin", "num_heldout", "num_two_shape", "seed", "batch_size", "best_of", "prior_steps",
+                "decoder_steps", "super_res_steps", "k")
 
 
 def check_settings(*, num_heldin: int, num_heldout: int, num_two_shape: int, seed: int, batch_size: int, k: int,
-                   prior_steps: int, decoder_steps: int, super_res_steps: int) -> None:
+                   prior_steps: int, decoder_steps: int, super_res_steps: int, best_of: int = 1) -> None:
     """A ValueError naming the first bad one of evaluate's integer settings."""
     from unclip_jax.pipeline import _check_steps
-    least = dict(num_heldin=0, num_heldout=0, num_two_shape=0, seed=0, batch_size=1, k=2)
+    least = dict(num_heldin=0, num_heldout=0, num_two_shape=0, seed=0, batch_size=1, k=2, best_of=1)
     given = dict(num_heldin=num_heldin, num_heldout=num_heldout, num_two_shape=num_two_shape, seed=seed,
-                 batch_size=batch_size, k=k)
+                 batch_size=batch_size, k=k, best_of=best_of)
     for name, n in given.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < least[name]:
             raise ValueError(f"{name} must be an int >= {least[name]}, got {n!r}")
@@ -425,7 +429,7 @@ def check_settings(*, num_heldin: int, num_heldout: int, num_two_shape: int, see
 
 
 def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 64, num_two_shape: int = 16,
-             seed: int = 0, batch_size: int = 16, prior_steps: int = 25, decoder_steps: int = 16,
+             seed: int = 0, batch_size: int = 16, best_of: int = 1, prior_steps: int = 25, decoder_steps: int = 16,
              super_res_steps: int = 4, prior_guidance: float | None = None, decoder_guidance: float | None = None,
              k: int = 32, decoder_only: bool = False, out: str | Path | None = None, progress: bool = True) -> dict:
     """Generates one image per evaluation scene's caption with `model` (a diffusers unCLIP folder with the CLIP
@@ -441,7 +445,7 @@ def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 6
     bar while generating and the table printed at the end.
     """
     check_settings(num_heldin=num_heldin, num_heldout=num_heldout, num_two_shape=num_two_shape, seed=seed,
-                   batch_size=batch_size, k=k, prior_steps=prior_steps, decoder_steps=decoder_steps,
+                   batch_size=batch_size, k=k, best_of=best_of, prior_steps=prior_steps, decoder_steps=decoder_steps,
                    super_res_steps=super_res_steps)
     counts = {"heldin": num_heldin, "heldout": num_heldout, "two_shape": num_two_shape}
     steps = dict(prior_num_inference_steps=prior_steps, decoder_num_inference_steps=decoder_steps,
@@ -462,7 +466,7 @@ def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 6
     parts = {g: slice(int(end) - len(v), int(end)) for (g, v), end in zip(scenes.items(), ends)}  # of scene_list
     captions = [shapes.caption(s) for s in scene_list]
     t1 = time.perf_counter()
-    generated = generate(pipe, captions, batch_size=batch_size, seed=seed, progress=progress,
+    generated = generate(pipe, captions, batch_size=batch_size, seed=seed, progress=progress, best_of=best_of,
                          prior_guidance_scale=prior_guidance, decoder_guidance_scale=decoder_guidance, **steps)
     t2 = time.perf_counter()
 
@@ -524,7 +528,7 @@ def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 6
                                    decoded_check=checks["decoded"][i])
     report = {
         "model": str(model), "folder": _folder_name(root), "seed": seed,
-        "settings": {"batch_size": batch_size, "prior_steps": prior_steps, "decoder_steps": decoder_steps,
+        "settings": {"batch_size": batch_size, "best_of": best_of, "prior_steps": prior_steps, "decoder_steps": decoder_steps,
                      "super_res_steps": super_res_steps, "prior_guidance": prior_guidance,
                      "decoder_guidance": decoder_guidance, "k": k_used, "image_size": size,
                      "clip_dim": int(text.shape[1]), "decoder_only": decoder_only},
@@ -600,7 +604,9 @@ def add_subcommand(subparsers) -> None:
              "num_heldout": "scenes of held-out pairs (the heldout split)", "num_two_shape": "two-shape scenes",
              "seed": "seed of the scenes and the sampling",
              "batch_size": "prompts per pipeline call (the last batch is padded)",
-             "k": "R-precision: each caption is ranked among k", "prior_guidance": "classifier-free guidance scale",
+             "k": "R-precision: each caption is ranked among k",
+             "best_of": "the paper's best-of-N prior: N image embeddings per image, the one closest to the text kept",
+             "prior_guidance": "classifier-free guidance scale",
              "decoder_guidance": "classifier-free guidance scale"}
     for name in ("prior_guidance", "decoder_guidance"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
