@@ -528,8 +528,8 @@ def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 6
                                    decoded_check=checks["decoded"][i])
     report = {
         "model": str(model), "folder": _folder_name(root), "seed": seed,
-        "settings": {"batch_size": batch_size, "best_of": best_of, "prior_steps": prior_steps, "decoder_steps": decoder_steps,
-                     "super_res_steps": super_res_steps, "prior_guidance": prior_guidance,
+        "settings": {"batch_size": batch_size, "best_of": best_of, "prior_steps": prior_steps,
+                     "decoder_steps": decoder_steps, "super_res_steps": super_res_steps, "prior_guidance": prior_guidance,
                      "decoder_guidance": decoder_guidance, "k": k_used, "image_size": size,
                      "clip_dim": int(text.shape[1]), "decoder_only": decoder_only},
         "groups": groups,
