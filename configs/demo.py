@@ -8,17 +8,19 @@ On an idle 2-core CPU the recipe takes an hour and a half (session 7's CPU) or 5
 one; BENCHMARKS.md), most of it the decoder's 5000 x 16 steps (34-60 minutes: 1.3-3 steps/s, 12.7 GFLOP per step);
 the CLIP takes 9-11 minutes, the prior 6-7, the upsampler 6-10. The shipped weights: CLIP and prior from a run
 of this recipe on an H100, the upsampler from these configs on the 2-core CPU, and the decoder from these configs
-on the 2-core CPU trained 6.4x longer (32000 x 16 steps: 5000, then resumed twice with a new cosine schedule,
-over 20000 and over 32000; 3 h 20 min on sessions 9-11's CPU), on the shipped CLIP's embeddings:
+on the 2-core CPU trained 8.8x longer (44000 x 16 steps: 5000, then resumed three times with a new cosine
+schedule, over 20000, 32000 and 44000; 4 h 25 min on sessions 9-12's CPU), on the shipped CLIP's embeddings:
 
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps data,embed,decoder     # 5000 steps
     rm -r W/decoder/export     # finished stages are skipped; this one resumes from its last checkpoint
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder --set total_steps=20000
     rm -r W/decoder/export
+    python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder --set total_steps=32000
+    rm -r W/decoder/export
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder,assemble,evaluate \
-        --set total_steps=32000
+        --set total_steps=44000
 
-and samples with decoder guidance 1.5 (DEMO_SETTINGS in unclip_jax.demo.recipe).
+and samples with decoder guidance 2 (DEMO_SETTINGS in unclip_jax.demo.recipe).
 
 It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
 with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it

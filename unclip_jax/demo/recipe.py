@@ -62,7 +62,7 @@ MODEL_INDEX = {
 DEMO_SETTINGS = {"super_res_start_timestep": 333,
                  "sampling_defaults": {"prior_num_inference_steps": 25, "decoder_num_inference_steps": 16,
                                        "super_res_num_inference_steps": 4, "prior_guidance_scale": 4.0,
-                                       "decoder_guidance_scale": 1.5}}
+                                       "decoder_guidance_scale": 2.0}}
 
 
 # Where each trained component of the assembled folder comes from in the workdir: <stage>/export/<component>.
