@@ -258,8 +258,8 @@ def test_evaluate_end_to_end(tiny, tmp_path, capsys):
 
 def test_embedding_use_tells_what_the_shipped_decoder_reads_from_the_embedding():
     """The demo decoder takes colour and shape from the CLIP embedding: with another scene's embedding its
-    one-step x0 from t = 800 gets both right far less often (measured: colour 0.91 -> 0.16, shape 0.72 -> 0.25);
-    at t = 300 the image alone gives the colours away, and the v decoder keeps its shapes (0.97)."""
+    one-step x0 from t = 800 gets both right far less often (measured: colour 0.91 -> 0.19, shape 0.78 -> 0.25);
+    at t = 300 the image alone gives the colours away, and the v decoder keeps its shapes (1.00)."""
     import unclip_jax
     from unclip_jax.convert.io import resolve_folder
     from unclip_jax.data.embed import load_towers
