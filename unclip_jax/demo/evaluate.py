@@ -18,8 +18,8 @@ a model's errors can be told apart: what the decoded images get wrong, the decod
 what only the generated ones get wrong, the prior does. It also probes what the decoder reads from the embedding
 (`embedding_use`): its one-step x0 estimates from real renders noised to t = 300, 600, 800, pixel-checked, given
 each render's own embedding and another scene's. An attribute that scores the same with both is not taken from
-the embedding; the shipped demo decoder takes colour and shape from it (at t = 800: colour 0.89 vs 0.21,
-shape 0.67 vs 0.26 on the 256 held-in scenes).
+the embedding; the shipped demo decoder takes colour and shape from it (at t = 800: colour 0.89 vs 0.20,
+shape 0.70 vs 0.25 on the 256 held-in scenes).
 
 Scenes come in three groups: `heldin` (one shape, training (colour, shape) pairs, drawn from the `test` split's
 seeds), `heldout` (the `heldout` split: one shape of a pair never trained on) and `two_shape` (two shapes of
