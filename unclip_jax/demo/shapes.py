@@ -7,8 +7,8 @@
 
 Everything is a pure function of a seed: scene i of a split is drawn from np.random.default_rng([seed, split, i]).
 Captions always name each shape's colour and kind and the background; a shape's size and position are left out
-of the caption with probability `omit` each, so short prompts ("a red circle on a blue background") are in
-distribution. Some (colour, shape) pairs are held out of `train` and `test` and make up the `heldout` split:
+of the caption with probability `omit` each (0.15; 0.5 in the prior's dataset), so short prompts ("a red circle on
+a blue background") are in distribution. `omit` changes the captions only, never the scenes or their images. Some (colour, shape) pairs are held out of `train` and `test` and make up the `heldout` split:
 the model never sees, say, a red triangle, so the heldout figures measure how it composes attributes.
 """
 
@@ -35,6 +35,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2),
 }
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("red", "triangle"), ("blue", "circle"), ("yellow", "square")})
+OMIT = 0.15   # the probability that a caption leaves out a shape's size, and (independently) its position
 SPLITS = {"train": 0, "test": 1, "heldout": 2}
 NAME = "shapes_scenes"
 
@@ -91,7 +92,7 @@ def _pairs(held_out: bool | None) -> list[tuple[str, str]]:
 
 
 def sample_scene(rng: np.random.Generator, *, held_out: bool = False, max_shapes: int = 2,
-                 two_shape_prob: float = 0.3, omit: float = 0.15, jitter: float = 0.8) -> Scene:
+                 two_shape_prob: float = 0.3, omit: float = OMIT, jitter: float = 0.8) -> Scene:
     """A random scene. held_out=False: every (colour, shape) pair is a training pair; True: exactly one shape,
     of a held-out pair. jitter: how much of the slack inside its grid cell a shape's centre may move."""
     n = 1 if held_out or max_shapes == 1 or rng.random() >= two_shape_prob else 2
@@ -148,16 +149,19 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
-def split_scenes(split: str, count: int, seed: int = 0) -> Iterator[Scene]:
-    """The split's scenes, in order: `train` and `test` from the training pairs, `heldout` from the held-out ones."""
+def split_scenes(split: str, count: int, seed: int = 0, omit: float = OMIT) -> Iterator[Scene]:
+    """The split's scenes, in order: `train` and `test` from the training pairs, `heldout` from the held-out ones.
+    `omit` changes only which sizes and positions the captions say: the scenes (and images) stay the same."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; expected one of {', '.join(SPLITS)}")
+    if not 0 <= omit <= 1:
+        raise ValueError(f"omit={omit}; expected a probability in [0, 1]")
     for i in range(count):
         rng = scene_rng(seed, split, i)
         if split == "heldout":
-            yield sample_scene(rng, held_out=True)
+            yield sample_scene(rng, held_out=True, omit=omit)
         else:
-            yield sample_scene(rng)
+            yield sample_scene(rng, omit=omit)
 
 
 # ----------------------------------------------------------------------------------------------- TFDS
@@ -173,16 +177,19 @@ def _builder_class():
         RELEASE_NOTES = {"1.0.0": "One or two shapes of 6 colours, 3 kinds, 2 sizes, 9 positions; held-out pairs."}
         code_path = None  # generated, nothing to download: no checksums file next to the code
 
-        def __init__(self, *, data_dir, counts: dict, seed: int = 0, image_size: int = 64, progress: bool = True):
+        def __init__(self, *, data_dir, counts: dict, seed: int = 0, image_size: int = 64, omit: float = OMIT,
+                     progress: bool = True):
             self._counts, self._seed, self._size, self._progress = counts, seed, image_size, progress
+            self._omit = omit
             super().__init__(data_dir=data_dir, file_format="array_record")
 
         def _info(self):
             from unclip_jax.data.builders import LocalDatasetInfo
             return LocalDatasetInfo(
                 builder=self,
-                description=(f"Captioned shapes scenes, {self._size}x{self._size}, seed {self._seed}; held-out "
-                             f"(colour, shape) pairs: {sorted(HELD_OUT)}."),
+                description=(f"Captioned shapes scenes, {self._size}x{self._size}, seed {self._seed}, captions "
+                             f"omitting a size or position with probability {self._omit}; held-out (colour, shape) "
+                             f"pairs: {sorted(HELD_OUT)}."),
                 features=tfds.features.FeaturesDict({
                     "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="png"),
                     "caption": tfds.features.Text(),
@@ -197,7 +204,7 @@ def _builder_class():
 
         def _generate_examples(self, split: str, count: int):
             from tqdm.auto import tqdm
-            scenes = split_scenes(split, count, self._seed)
+            scenes = split_scenes(split, count, self._seed, self._omit)
             for i, scene in enumerate(tqdm(scenes, total=count, desc=f"shapes {split}", disable=not self._progress)):
                 key = f"{split}/{i:07d}"
                 yield key, {"image": png_bytes(render(scene, self._size)), "caption": caption(scene), "key": key,
@@ -207,9 +214,13 @@ def _builder_class():
 
 
 def build_shapes_dataset(out: str | os.PathLike, *, train: int = 30000, test: int = 1000, heldout: int = 1000,
-                         seed: int = 0, image_size: int = 64, overwrite: bool = False, progress: bool = True) -> Path:
+                         seed: int = 0, image_size: int = 64, omit: float = OMIT, overwrite: bool = False,
+                         progress: bool = True) -> Path:
     """Writes the dataset under `out` (readable by unclip_jax.data.load_dataset and the trainer's sources);
-    returns the version folder. Building the same arguments twice gives the same bytes."""
+    returns the version folder. Building the same arguments twice gives the same bytes. omit: how often a caption
+    leaves a shape's size, or its position, unsaid (the images do not depend on it)."""
+    if not 0 <= omit <= 1:
+        raise ValueError(f"omit={omit}; expected a probability in [0, 1]")
     import shutil
     import tempfile
     out = Path(out)
@@ -219,11 +230,11 @@ def build_shapes_dataset(out: str | os.PathLike, *, train: int = 30000, test: in
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     builder = _builder_class()(data_dir=out, counts={"train": train, "test": test, "heldout": heldout}, seed=seed,
-                               image_size=image_size, progress=progress)
+                               image_size=image_size, omit=omit, progress=progress)
     with tempfile.TemporaryDirectory() as nothing_to_download:
         builder.download_and_prepare(download_dir=nothing_to_download)
     return Path(builder.data_dir)
 
 
-def all_captions(split: str, count: int, seed: int = 0) -> list[str]:
-    return [caption(s) for s in split_scenes(split, count, seed)]
+def all_captions(split: str, count: int, seed: int = 0, omit: float = OMIT) -> list[str]:
+    return [caption(s) for s in split_scenes(split, count, seed, omit)]
