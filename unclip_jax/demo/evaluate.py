@@ -21,9 +21,10 @@ each render's own embedding and another scene's. An attribute that scores the sa
 the embedding; the shipped demo decoder takes colour and shape from it (at t = 800: colour 0.89 vs 0.20,
 shape 0.70 vs 0.25 on the 256 held-in scenes).
 
-Scenes come in three groups: `heldin` (one shape, training (colour, shape) pairs, drawn from the `test` split's
-seeds), `heldout` (the `heldout` split: one shape of a pair never trained on) and `two_shape` (two shapes of
-training pairs), each scored separately.
+Scenes come in four groups: `heldin` (one shape, training (colour, shape) pairs, drawn from the `test` split's
+seeds), `heldout` (the `heldout` split: one shape of a pair never trained on), `two_shape` (two shapes of
+training pairs) and `short` (the first `heldin` scenes again, captioned without size or position: "a red circle on
+a blue background", the shortest prompt a user types), each scored separately.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 from unclip_jax.demo import shapes
 from unclip_jax.demo.shapes import COLORS, POSITIONS, SIZES, Scene, Shape
 
-GROUPS = ("heldin", "heldout", "two_shape")
+GROUPS = ("heldin", "heldout", "two_shape", "short")
 ATTRIBUTES = ("background", "count", "color", "shape", "size", "position", "all")
 
 # ---------------------------------------------------------------------------------------------- pixel analysis
@@ -307,6 +308,10 @@ def eval_scenes(group: str, count: int, seed: int = 0, *, reference: bool = Fals
     offset = REFERENCE_INDEX if reference else 0
     if group == "heldin":
         return [shapes.sample_scene(shapes.scene_rng(seed, "test", offset + i), max_shapes=1) for i in range(count)]
+    if group == "short":
+        return [dataclasses.replace(scene, shapes=tuple(dataclasses.replace(s, say_size=False, say_position=False)
+                                                        for s in scene.shapes))
+                for scene in eval_scenes("heldin", count, seed, reference=reference)]
     if group == "two_shape":
         return [shapes.sample_scene(shapes.scene_rng(seed, "test", TWO_SHAPE_INDEX + offset + i), two_shape_prob=1.0)
                 for i in range(count)]
@@ -409,27 +414,28 @@ def embedding_use(pipe, real: list, real_embeds: np.ndarray, scenes: list[Scene]
     return result
 
 
-INT_SETTINGS = ("num_heldin", "num_heldout", "num_two_shape", "seed", "batch_size", "best_of", "prior_steps",
+INT_SETTINGS = ("num_heldin", "num_heldout", "num_two_shape", "num_short", "seed", "batch_size", "best_of", "prior_steps",
                 "decoder_steps", "super_res_steps", "k")
 
 
 def check_settings(*, num_heldin: int, num_heldout: int, num_two_shape: int, seed: int, batch_size: int, k: int,
-                   prior_steps: int, decoder_steps: int, super_res_steps: int, best_of: int = 1) -> None:
+                   prior_steps: int, decoder_steps: int, super_res_steps: int, best_of: int = 1,
+                   num_short: int = 0) -> None:
     """A ValueError naming the first bad one of evaluate's integer settings."""
     from unclip_jax.pipeline import _check_steps
-    least = dict(num_heldin=0, num_heldout=0, num_two_shape=0, seed=0, batch_size=1, k=2, best_of=1)
-    given = dict(num_heldin=num_heldin, num_heldout=num_heldout, num_two_shape=num_two_shape, seed=seed,
-                 batch_size=batch_size, k=k, best_of=best_of)
+    least = dict(num_heldin=0, num_heldout=0, num_two_shape=0, num_short=0, seed=0, batch_size=1, k=2, best_of=1)
+    given = dict(num_heldin=num_heldin, num_heldout=num_heldout, num_two_shape=num_two_shape, num_short=num_short,
+                 seed=seed, batch_size=batch_size, k=k, best_of=best_of)
     for name, n in given.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < least[name]:
             raise ValueError(f"{name} must be an int >= {least[name]}, got {n!r}")
-    if not num_heldin + num_heldout + num_two_shape:
-        raise ValueError("nothing to evaluate: num_heldin, num_heldout and num_two_shape are all 0")
+    if not num_heldin + num_heldout + num_two_shape + num_short:
+        raise ValueError("nothing to evaluate: num_heldin, num_heldout, num_two_shape and num_short are all 0")
     _check_steps(prior_steps=prior_steps, decoder_steps=decoder_steps, super_res_steps=super_res_steps)
 
 
 def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 64, num_two_shape: int = 16,
-             seed: int = 0, batch_size: int = 16, best_of: int = 1, prior_steps: int = 25, decoder_steps: int = 16,
+             num_short: int = 128, seed: int = 0, batch_size: int = 16, best_of: int = 1, prior_steps: int = 25, decoder_steps: int = 16,
              super_res_steps: int = 4, prior_guidance: float | None = None, decoder_guidance: float | None = None,
              k: int = 32, decoder_only: bool = False, out: str | Path | None = None, progress: bool = True) -> dict:
     """Generates one image per evaluation scene's caption with `model` (a diffusers unCLIP folder with the CLIP
@@ -444,10 +450,11 @@ def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 6
     report.json and <group>_grid.png (the generated images in caption order, row by row); progress: a progress
     bar while generating and the table printed at the end.
     """
-    check_settings(num_heldin=num_heldin, num_heldout=num_heldout, num_two_shape=num_two_shape, seed=seed,
-                   batch_size=batch_size, k=k, best_of=best_of, prior_steps=prior_steps, decoder_steps=decoder_steps,
-                   super_res_steps=super_res_steps)
-    counts = {"heldin": num_heldin, "heldout": num_heldout, "two_shape": num_two_shape}
+    check_settings(num_heldin=num_heldin, num_heldout=num_heldout, num_two_shape=num_two_shape, num_short=num_short,
+                   seed=seed, batch_size=batch_size, k=k, best_of=best_of, prior_steps=prior_steps,
+                   decoder_steps=decoder_steps, super_res_steps=super_res_steps)
+    # `short` last: the other groups' images do not depend on it (batch b's key is fold_in(key(seed), b))
+    counts = {"heldin": num_heldin, "heldout": num_heldout, "two_shape": num_two_shape, "short": num_short}
     steps = dict(prior_num_inference_steps=prior_steps, decoder_num_inference_steps=decoder_steps,
                  super_res_num_inference_steps=super_res_steps)
     import unclip_jax
@@ -602,6 +609,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--model", default="demo", help="diffusers unCLIP folder with the CLIP image tower (default: demo)")
     helps = {"num_heldin": "one-shape scenes of training (colour, shape) pairs",
              "num_heldout": "scenes of held-out pairs (the heldout split)", "num_two_shape": "two-shape scenes",
+             "num_short": "the first held-in scenes captioned without size and position",
              "seed": "seed of the scenes and the sampling",
              "batch_size": "prompts per pipeline call (the last batch is padded)",
              "k": "R-precision: each caption is ranked among k",
