@@ -4,12 +4,15 @@ whatever an earlier run left in the workdir:
 
     python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo            # about 10 minutes on an H100
 
-On an idle 2-core CPU the recipe takes an hour and a half (session 7's CPU) or 55 minutes (session 9's, a faster
-one; BENCHMARKS.md), most of it the decoder's 5000 x 16 steps (34-60 minutes: 1.3-3 steps/s, 12.7 GFLOP per step);
-the CLIP takes 9-11 minutes, the prior 6-7, the upsampler 6-10. The shipped weights: CLIP and prior from a run
-of this recipe on an H100, the upsampler from these configs on the 2-core CPU, and the decoder from these configs
-on the 2-core CPU trained 8.8x longer (44000 x 16 steps: 5000, then resumed three times with a new cosine
-schedule, over 20000, 32000 and 44000; 4 h 25 min on sessions 9-12's CPU), on the shipped CLIP's embeddings:
+On an idle 2-core CPU the recipe takes about 65 minutes (session 9's CPU) to an hour and three quarters (session
+7's, a slower one): the measured times of its stages added up (BENCHMARKS.md), most of it the decoder's 5000 x 16
+steps (34-60 minutes: 1.3-3 steps/s, 12.7 GFLOP per step); the CLIP takes 9-11 minutes, the prior 13 (6000 x 128
+steps), the upsampler 6-10, the two datasets and their embeddings 3-4. The shipped weights: the CLIP from a run of
+this recipe on an H100, the upsampler from these configs on the 2-core CPU, the prior from these configs on the
+2-core CPU trained 2x longer (12000 x 128 steps, 27 minutes), and the decoder from these configs on the 2-core CPU
+trained 8.8x longer (44000 x 16 steps: 5000, then resumed three times with a new cosine schedule, over 20000, 32000
+and 44000; 4 h 25 min on sessions 9-12's CPU), the last two on the shipped CLIP's embeddings (its float32 weights;
+the package's are rounded to float16):
 
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps data,embed,decoder     # 5000 steps
     rm -r W/decoder/export     # finished stages are skipped; this one resumes from its last checkpoint
@@ -17,13 +20,16 @@ schedule, over 20000, 32000 and 44000; 4 h 25 min on sessions 9-12's CPU), on th
     rm -r W/decoder/export
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder --set total_steps=32000
     rm -r W/decoder/export
-    python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder,assemble,evaluate \
-        --set total_steps=44000
+    python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder --set total_steps=44000
+    rm -r W/prior/export       # the shipped prior, copied in by the first command: train this one
+    python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps prior,assemble,evaluate \
+        --set total_steps=12000
 
 and samples with decoder guidance 2 (DEMO_SETTINGS in unclip_jax.demo.recipe).
 
-It builds the dataset (TFDS), trains the BPE tokenizer, then runs these configs in order, embeds the dataset
-with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
+It builds the dataset (TFDS) and the prior's (the same scenes and as many more, captions leaving sizes and
+positions out half the time: PRIOR_DATA in unclip_jax.demo.recipe), trains the BPE tokenizer, then runs these
+configs in order, embeds both datasets with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
 (--install copies it into the package). Each stage can also be run by hand:
 
     python -m unclip_jax.train --config configs/demo.py:clip,root=/tmp/unclip_demo --workdir /tmp/unclip_demo/clip
@@ -81,7 +87,7 @@ SUPER_RES = dict(_class_name="UNet2DModel", sample_size=IMAGE_SIZE, in_channels=
 # that: 2.3x the examples per second there).
 SCHEDULE = {  # stage: (total_steps, batch_size, learning_rate, warmup)
     "clip": (1200, 128, 2e-3, 100),
-    "prior": (2000, 128, 1e-3, 100),
+    "prior": (6000, 128, 1e-3, 100),    # 2000 on the decoder's data: short captions' shape 0.62 (README)
     "decoder": (5000, 16, 1e-3, 100),
     "upsampler": (1500, 16, 1e-3, 100),
 }
@@ -89,8 +95,8 @@ SCHEDULE = {  # stage: (total_steps, batch_size, learning_rate, warmup)
 
 def paths(root: str) -> dict:
     """Where the recipe puts each thing under its workdir."""
-    return {"data": f"{root}/data", "tokenizer": f"{root}/tokenizer", "clip": f"{root}/clip/export",
-            "embeddings": f"{root}/data/embeddings", "model": f"{root}/model"}
+    return {"data": f"{root}/data", "prior_data": f"{root}/data_prior", "tokenizer": f"{root}/tokenizer",
+            "clip": f"{root}/clip/export", "embeddings": f"{root}/data/embeddings", "model": f"{root}/model"}
 
 
 def parse(arg: str) -> tuple[str, str, bool]:
@@ -135,6 +141,9 @@ def get_config(arg: str = ""):
         c.tokenizer = p["tokenizer"]
         c.num_samples = 64
     elif stage == "prior":
+        # its own dataset: more scenes, captions that leave sizes and positions out more often (PRIOR_DATA in
+        # unclip_jax.demo.recipe)
+        c.data = p["prior_data"]
         c.model.prior = PRIOR
         c.text_encoder = p["clip"]
         c.text_drop = 0.1

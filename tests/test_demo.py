@@ -48,6 +48,22 @@ def test_captions_follow_the_grammar_and_say_what_is_drawn():
             assert (shapes.position_phrase(x.position) in phrase) == x.say_position
 
 
+def test_omit_changes_only_what_the_captions_say():
+    """The prior's data says fewer sizes and positions (omit): the same scenes and images, shorter captions."""
+    base = list(shapes.split_scenes("train", 300))
+    for omit in (0.0, 0.5, 1.0):
+        other = list(shapes.split_scenes("train", 300, omit=omit))
+        strip = lambda sc: [(x.kind, x.color, x.size, x.position, x.center) for x in sc.shapes]
+        assert [(s.background, strip(s)) for s in other] == [(s.background, strip(s)) for s in base]
+        said = np.mean([x.say_size for s in other for x in s.shapes])
+        assert abs(said - (1 - omit)) < 0.08
+    assert all(x.say_size and x.say_position for s in shapes.split_scenes("test", 50, omit=0) for x in s.shapes)
+    assert all(shapes.caption(s) == f"a {s.shapes[0].color} {s.shapes[0].kind} on a {s.background} background"
+               for s in shapes.split_scenes("heldout", 20, omit=1))
+    with pytest.raises(ValueError, match="probability"):
+        next(shapes.split_scenes("train", 1, omit=1.5))
+
+
 def test_render_draws_the_named_colours_where_the_scene_says():
     scene = shapes.Scene("blue", (shapes.Shape("square", "red", "large", "top left", (1 / 6, 1 / 6)),))
     img = shapes.render(scene, 64)
@@ -75,6 +91,14 @@ def test_shapes_dataset_builds_and_loads_with_the_data_pipeline(tmp_path, own_te
     assert shapes.Scene.from_json(ex["scene"]) == scene
     with pytest.raises(FileExistsError, match="not empty"):
         shapes.build_shapes_dataset(tmp_path / "ds", train=1, test=1, heldout=1, progress=False)
+    short = load_dataset(shapes.build_shapes_dataset(tmp_path / "short", train=12, test=0, heldout=0, omit=1.0,
+                                                     progress=False).parent.parent)
+    assert list(short.info.splits) == ["train"] and "probability 1.0" in short.info.description
+    ex = short.as_data_source("train")[5]
+    scene = list(shapes.split_scenes("train", 12, omit=1.0))[int(ex["key"].decode().split("/")[1])]
+    assert ex["caption"].decode() == shapes.caption(scene) and np.array_equal(ex["image"], shapes.render(scene))
+    with pytest.raises(ValueError, match="probability"):
+        shapes.build_shapes_dataset(tmp_path / "bad", train=1, omit=-0.1, progress=False)
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
@@ -369,6 +393,31 @@ def test_super_res_can_start_from_the_noised_upsampled_image(tiny_folder):
     assert err(last_only) < 0.05 < err(karlo)
     assert err(last_only) < err(mid) < err(karlo)
     assert dataclasses.replace(pipe.stages, super_res_start_timestep=0) != pipe.stages   # a different program
+
+
+def test_recipe_data_step_builds_the_prior_dataset_too(tmp_path, own_tempdir):
+    """The prior trains on its own dataset (configs/demo.py:prior reads it): the same first scenes, captions saying
+    sizes and positions less often; a second run finds both built and rebuilds nothing."""
+    from unclip_jax.data import load_dataset
+    from unclip_jax.demo import recipe
+    recipe.step_data(tmp_path, smoke=True)
+    main, prior = load_dataset(tmp_path / "data"), load_dataset(tmp_path / "data_prior")
+    assert {k: v.num_examples for k, v in prior.info.splits.items()} == {"train": recipe.SMOKE_PRIOR_DATA["train"]}
+    assert set(main.info.splits) == {"train", "test", "heldout"}
+    by_key = lambda b: {ex["key"]: ex for ex in b.as_data_source("train")}
+    a, b = by_key(main), by_key(prior)
+    omit = recipe.SMOKE_PRIOR_DATA["omit"]
+    for key, ex in a.items():
+        assert np.array_equal(ex["image"], b[key]["image"])
+        scene = list(shapes.split_scenes("train", int(key.decode().split("/")[1]) + 1, omit=omit))[-1]
+        assert b[key]["caption"].decode() == shapes.caption(scene)
+    assert sum(a[k]["caption"] != b[k]["caption"] for k in a) > len(a) / 4   # captions differ, images do not
+    stamp = [(p, p.stat().st_mtime_ns) for p in sorted(tmp_path.rglob("*.array_record*"))]
+    recipe.step_data(tmp_path, smoke=True)
+    assert [(p, p.stat().st_mtime_ns) for p in sorted(tmp_path.rglob("*.array_record*"))] == stamp
+    configs = recipe.load_configs()
+    assert configs.get_config(f"prior,root={tmp_path}").data == str(tmp_path / "data_prior")
+    assert configs.get_config(f"decoder,root={tmp_path}").data == str(tmp_path / "data")
 
 
 def test_assemble_takes_the_decoder_scheduler_the_decoder_stage_exported(tmp_path):
