@@ -4,10 +4,10 @@ whatever an earlier run left in the workdir:
 
     python -m unclip_jax.demo.recipe --workdir /tmp/unclip_demo            # about 10 minutes on an H100
 
-On an idle 2-core CPU the recipe takes about 65 minutes (session 9's CPU) to an hour and three quarters (session
+On an idle 2-core CPU the recipe takes about 63 minutes (session 9's CPU) to an hour and three quarters (session
 7's, a slower one): the measured times of its stages added up (BENCHMARKS.md), most of it the decoder's 5000 x 16
-steps (34-60 minutes: 1.3-3 steps/s, 12.7 GFLOP per step); the CLIP takes 9-11 minutes, the prior 13 (6000 x 128
-steps), the upsampler 6-10, the two datasets and their embeddings 3-4. The shipped weights: the CLIP from a run of
+steps (34-60 minutes: 1.3-3 steps/s, 12.7 GFLOP per step); the CLIP takes 9-11 minutes, the prior 12-13 (6000 x 128
+steps), the upsampler 6-10, the two datasets and their embeddings 2-3. The shipped weights: the CLIP from a run of
 this recipe on an H100, the upsampler from these configs on the 2-core CPU, the prior from these configs on the
 2-core CPU trained 2x longer (12000 x 128 steps, 27 minutes), and the decoder from these configs on the 2-core CPU
 trained 8.8x longer (44000 x 16 steps: 5000, then resumed three times with a new cosine schedule, over 20000, 32000
@@ -29,8 +29,8 @@ and samples with decoder guidance 2 (DEMO_SETTINGS in unclip_jax.demo.recipe).
 
 It builds the dataset (TFDS) and the prior's (the same scenes and as many more, captions leaving sizes and
 positions out half the time: PRIOR_DATA in unclip_jax.demo.recipe), trains the BPE tokenizer, then runs these
-configs in order, embeds both datasets with the new CLIP between the clip and prior stages, assembles the diffusers folder and evaluates it
-(--install copies it into the package). Each stage can also be run by hand:
+configs in order, embeds both datasets with the new CLIP between the clip and prior stages, assembles the diffusers
+folder and evaluates it (--install copies it into the package). Each stage can also be run by hand:
 
     python -m unclip_jax.train --config configs/demo.py:clip,root=/tmp/unclip_demo --workdir /tmp/unclip_demo/clip
     ...                         configs/demo.py:prior,root=...       --workdir /tmp/unclip_demo/prior

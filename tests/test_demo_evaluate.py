@@ -333,8 +333,8 @@ def test_evaluate_errors(tiny, tmp_path):
         ev.evaluate(str(tmp_path / "missing"))
     with pytest.raises(CheckpointError, match="no CLIP image tower"):
         ev.evaluate(str(tiny[0]))
-    for bad in (dict(num_heldin=-1), dict(num_short=-1), dict(num_heldin=0, num_heldout=0, num_two_shape=0, num_short=0),
-                dict(batch_size=0),
+    for bad in (dict(num_heldin=-1), dict(num_short=-1), dict(batch_size=0),
+                dict(num_heldin=0, num_heldout=0, num_two_shape=0, num_short=0),
                 dict(k=1), dict(decoder_steps=1), dict(best_of=0)):
         with pytest.raises(ValueError):
             ev.evaluate(str(tiny[1]), **bad)

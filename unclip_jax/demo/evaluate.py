@@ -414,8 +414,8 @@ def embedding_use(pipe, real: list, real_embeds: np.ndarray, scenes: list[Scene]
     return result
 
 
-INT_SETTINGS = ("num_heldin", "num_heldout", "num_two_shape", "num_short", "seed", "batch_size", "best_of", "prior_steps",
-                "decoder_steps", "super_res_steps", "k")
+INT_SETTINGS = ("num_heldin", "num_heldout", "num_two_shape", "num_short", "seed", "batch_size", "best_of",
+                "prior_steps", "decoder_steps", "super_res_steps", "k")
 
 
 def check_settings(*, num_heldin: int, num_heldout: int, num_two_shape: int, seed: int, batch_size: int, k: int,
@@ -435,9 +435,10 @@ def check_settings(*, num_heldin: int, num_heldout: int, num_two_shape: int, see
 
 
 def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 64, num_two_shape: int = 16,
-             num_short: int = 128, seed: int = 0, batch_size: int = 16, best_of: int = 1, prior_steps: int = 25, decoder_steps: int = 16,
-             super_res_steps: int = 4, prior_guidance: float | None = None, decoder_guidance: float | None = None,
-             k: int = 32, decoder_only: bool = False, out: str | Path | None = None, progress: bool = True) -> dict:
+             num_short: int = 128, seed: int = 0, batch_size: int = 16, best_of: int = 1, prior_steps: int = 25,
+             decoder_steps: int = 16, super_res_steps: int = 4, prior_guidance: float | None = None,
+             decoder_guidance: float | None = None, k: int = 32, decoder_only: bool = False,
+             out: str | Path | None = None, progress: bool = True) -> dict:
     """Generates one image per evaluation scene's caption with `model` (a diffusers unCLIP folder with the CLIP
     image tower, "demo" by default) and scores the images; returns the report (see the module doc).
 
@@ -536,9 +537,9 @@ def evaluate(model: str = "demo", *, num_heldin: int = 256, num_heldout: int = 6
     report = {
         "model": str(model), "folder": _folder_name(root), "seed": seed,
         "settings": {"batch_size": batch_size, "best_of": best_of, "prior_steps": prior_steps,
-                     "decoder_steps": decoder_steps, "super_res_steps": super_res_steps, "prior_guidance": prior_guidance,
-                     "decoder_guidance": decoder_guidance, "k": k_used, "image_size": size,
-                     "clip_dim": int(text.shape[1]), "decoder_only": decoder_only},
+                     "decoder_steps": decoder_steps, "super_res_steps": super_res_steps,
+                     "prior_guidance": prior_guidance, "decoder_guidance": decoder_guidance, "k": k_used,
+                     "image_size": size, "clip_dim": int(text.shape[1]), "decoder_only": decoder_only},
         "groups": groups,
         "seconds": {"load": t1 - t0, "generate": t2 - t1, "decode": decode_s,
                     "score": time.perf_counter() - t2 - decode_s},

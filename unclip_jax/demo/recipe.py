@@ -246,8 +246,8 @@ def step_assemble(root: Path) -> Path:
 
 def step_evaluate(root: Path, smoke: bool) -> dict:
     from unclip_jax.demo.evaluate import evaluate
-    kw = (dict(num_heldin=4, num_heldout=4, num_two_shape=2, num_short=2, prior_steps=3, decoder_steps=3, super_res_steps=2)
-          if smoke else {})
+    kw = (dict(num_heldin=4, num_heldout=4, num_two_shape=2, num_short=2, prior_steps=3, decoder_steps=3,
+               super_res_steps=2) if smoke else {})
     return evaluate(str(root / "model"), out=root / "model" / "evaluation", **kw)
 
 

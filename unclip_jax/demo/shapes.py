@@ -8,8 +8,9 @@
 Everything is a pure function of a seed: scene i of a split is drawn from np.random.default_rng([seed, split, i]).
 Captions always name each shape's colour and kind and the background; a shape's size and position are left out
 of the caption with probability `omit` each (0.15; 0.5 in the prior's dataset), so short prompts ("a red circle on
-a blue background") are in distribution. `omit` changes the captions only, never the scenes or their images. Some (colour, shape) pairs are held out of `train` and `test` and make up the `heldout` split:
-the model never sees, say, a red triangle, so the heldout figures measure how it composes attributes.
+a blue background") are in distribution; `omit` changes the captions only, never the scenes or their images. Some
+(colour, shape) pairs are held out of `train` and `test` and make up the `heldout` split: the model never sees,
+say, a red triangle, so the heldout figures measure how it composes attributes.
 """
 
 from __future__ import annotations
