@@ -15,17 +15,15 @@ and 44000; 4 h 25 min on sessions 9-12's CPU), the last two on the shipped CLIP'
 the package's are rounded to float16):
 
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps data,embed,decoder     # 5000 steps
-    rm -r W/decoder/export     # finished stages are skipped; this one resumes from its last checkpoint
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder --set total_steps=20000
-    rm -r W/decoder/export
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder --set total_steps=32000
-    rm -r W/decoder/export
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps decoder --set total_steps=44000
-    rm -r W/prior/export       # the shipped prior, copied in by the first command: train this one
+    rm -r W/prior     # the shipped prior the first command copied in (and its seeded_from.json)
     python -m unclip_jax.demo.recipe --workdir W --from-model demo --steps prior,assemble,evaluate \
         --set total_steps=12000
 
-and samples with decoder guidance 2 (DEMO_SETTINGS in unclip_jax.demo.recipe).
+Each decoder command resumes from the last checkpoint (a new cosine schedule over the new total_steps); the model
+samples with decoder guidance 2 (DEMO_SETTINGS in unclip_jax.demo.recipe).
 
 It builds the dataset (TFDS) and the prior's (the same scenes and as many more, captions leaving sizes and
 positions out half the time: PRIOR_DATA in unclip_jax.demo.recipe), trains the BPE tokenizer, then runs these

@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from unclip_jax.demo.shapes import OMIT
+
 log = logging.getLogger("unclip_jax.demo.recipe")
 
 STEPS = ("data", "tokenizer", "clip", "embed", "prior", "decoder", "upsampler", "assemble", "evaluate")
@@ -132,21 +134,23 @@ def _done(path: Path) -> bool:
     return path.exists() and any(path.iterdir())
 
 
-def _build(out: Path, seed: int, sizes: dict, omit: float | None = None) -> Path:
+def _build(out: Path, seed: int, sizes: dict, omit: float = OMIT) -> Path:
     from unclip_jax.demo.shapes import build_shapes_dataset
     marker = out / "shapes.json"
-    want = {"sizes": sizes, "seed": seed, **({} if omit is None else {"omit": omit})}
+    want = {"sizes": sizes, "seed": seed}
+    if omit != OMIT:   # the default's marker stays as workdirs built before `omit` was an option wrote it
+        want["omit"] = omit
     if marker.exists() and json.loads(marker.read_text()) == want:
         log.info("data: %s is built", out)
         return out
-    build_shapes_dataset(out, seed=seed, overwrite=True, **sizes, **({} if omit is None else {"omit": omit}))
+    build_shapes_dataset(out, seed=seed, overwrite=True, omit=omit, **sizes)
     marker.write_text(json.dumps(want) + "\n")
     return out
 
 
 def step_data(root: Path, smoke: bool, seed: int = 0) -> Path:
     """The dataset (workdir/data) and the prior's (workdir/data_prior: a train split only)."""
-    prior = dict(SMOKE_PRIOR_DATA if smoke else PRIOR_DATA)
+    prior = SMOKE_PRIOR_DATA if smoke else PRIOR_DATA
     _build(root / "data_prior", seed, {"train": prior["train"], "test": 0, "heldout": 0}, prior["omit"])
     return _build(root / "data", seed, SMOKE_DATA_SIZES if smoke else DATA_SIZES)
 

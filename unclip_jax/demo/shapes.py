@@ -150,13 +150,17 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
+def _check_omit(omit: float) -> None:
+    if not 0 <= omit <= 1:
+        raise ValueError(f"omit={omit}; expected a probability in [0, 1]")
+
+
 def split_scenes(split: str, count: int, seed: int = 0, omit: float = OMIT) -> Iterator[Scene]:
     """The split's scenes, in order: `train` and `test` from the training pairs, `heldout` from the held-out ones.
     `omit` changes only which sizes and positions the captions say: the scenes (and images) stay the same."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; expected one of {', '.join(SPLITS)}")
-    if not 0 <= omit <= 1:
-        raise ValueError(f"omit={omit}; expected a probability in [0, 1]")
+    _check_omit(omit)
     for i in range(count):
         rng = scene_rng(seed, split, i)
         if split == "heldout":
@@ -220,8 +224,7 @@ def build_shapes_dataset(out: str | os.PathLike, *, train: int = 30000, test: in
     """Writes the dataset under `out` (readable by unclip_jax.data.load_dataset and the trainer's sources);
     returns the version folder. Building the same arguments twice gives the same bytes. omit: how often a caption
     leaves a shape's size, or its position, unsaid (the images do not depend on it)."""
-    if not 0 <= omit <= 1:
-        raise ValueError(f"omit={omit}; expected a probability in [0, 1]")
+    _check_omit(omit)   # before an existing dataset is deleted
     import shutil
     import tempfile
     out = Path(out)
